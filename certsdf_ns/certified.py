@@ -1,0 +1,262 @@
+"""Certified weak signed distance from a smoothed occupancy voxel grid.
+
+This module is the mathematical core of certsdf and has no nerfstudio dependency, so it
+can be read beside the paper (Pérez S. et al., *Certified Robustness as a Tool for 3D
+Vision*, arXiv 2408.13135) and Cohen et al. 2019 (randomized smoothing).
+
+The base classifier f is a *voxel* occupancy: space is cut into cubic cells centred on
+the grid nodes, and f(x) is the occupancy of the cell containing x (0 outside the box).
+Randomized smoothing with δ ~ N(0, σ²I) gives p̂(x) = E[f(x + δ)]. Because f is piecewise
+constant on an axis-aligned lattice and the Gaussian is separable, p̂ at every node is an
+exact, finite, separable sum:
+
+    p̂(x_i) = Σ_j occ_j Π_axes [Φ((x_j − x_i + h/2)/σ) − Φ((x_j − x_i − h/2)/σ)]
+
+i.e. three matrix products with a dense Toeplitz matrix per axis. There is no Monte
+Carlo and no truncation of the Gaussian.
+
+The certified weak SDF is sdf(x) = σ·Φ⁻¹(1 − p̂(x)) (positive outside). Since Φ⁻¹∘p̂ is
+1/σ-Lipschitz (Salman et al. 2019, Lemma 1), sdf is 1-Lipschitz, so |sdf(x)| never exceeds
+the distance from x to the smoothed surface {p̂ = ½}. We apply Φ⁻¹ *at the nodes* and
+interpolate the SDF trilinearly: interpolating p̂ first and applying Φ⁻¹ afterwards
+amplifies interpolation error where Φ⁻¹ is steep (gradient norms up to ~1.5 measured),
+whereas interpolating samples of a 1-Lipschitz function stays within ~2% of 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+AabbLike = Union[Tensor, Sequence[Sequence[float]]]
+
+
+def voxel_gaussian_matrix(num: int, sigma_voxels: float, dtype: torch.dtype = torch.float32) -> Float[Tensor, "num num"]:
+    """Toeplitz matrix K[i, j]: Gaussian mass of cell j seen from node i, along one axis.
+
+    Computed in float64 and as a difference of Φ so that far-away entries do not cancel
+    catastrophically; cast at the end.
+    """
+    offsets = torch.arange(num, dtype=torch.float64)
+    d = offsets[None, :] - offsets[:, None]  # x_j - x_i in voxels
+    s = float(sigma_voxels) * math.sqrt(2.0)
+    # Φ(a) − Φ(b) = ½(erf(a/√2) − erf(b/√2)); use erfc on the far side for precision.
+    upper, lower = (d + 0.5) / s, (d - 0.5) / s
+    mass = torch.where(
+        lower > 0,
+        0.5 * (torch.special.erfc(lower) - torch.special.erfc(upper)),
+        0.5 * (torch.special.erfc(-upper) - torch.special.erfc(-lower)),
+    )
+    return mass.to(dtype)
+
+
+def smooth_occupancy(
+    occupancy: Float[Tensor, "X Y Z"], kernels: Tuple[Tensor, Tensor, Tensor]
+) -> Float[Tensor, "X Y Z"]:
+    """Exact Gaussian smoothing of a voxel occupancy grid, zero outside the box.
+
+    Three dense matrix products instead of conv3d: on CPU this is ~7x faster (the band is
+    wide for σ of a few voxels and BLAS beats direct convolution), and dense Toeplitz
+    matrices need no truncation for σ larger than the grid.
+    """
+    kx, ky, kz = (k.to(occupancy.dtype) for k in kernels)
+    nx, ny, nz = occupancy.shape
+    p = torch.matmul(kx, occupancy.reshape(nx, ny * nz)).reshape(nx, ny, nz)
+    p = torch.matmul(ky, p)  # batched over x, acts on y
+    return torch.matmul(p, kz.transpose(0, 1))  # acts on z
+
+
+def probit(p: Tensor) -> Tensor:
+    """Φ⁻¹(p), computed as √2·erfinv(2p − 1): same values as ndtri, ~3x faster on CPU."""
+    return math.sqrt(2.0) * torch.special.erfinv(2.0 * p - 1.0)
+
+
+def certified_sdf_from_smoothed(p_hat: Tensor, sigma: float, eps: float) -> Tensor:
+    """sdf = σ·Φ⁻¹(1 − p̂), with p̂ clamped to [ε, 1 − ε] so |sdf| ≤ σ·Φ⁻¹(1 − ε).
+
+    Always evaluated in float32 or wider: Φ⁻¹ near the clamp is steep and bf16/fp16 would
+    turn a 1e-5 tail probability into 0 (infinite SDF) or 1e-3 (a useless bound).
+    """
+    dtype = torch.promote_types(p_hat.dtype, torch.float32)
+    p = p_hat.to(dtype).clamp(eps, 1.0 - eps)
+    return -sigma * probit(p)
+
+
+def world_to_grid_coords(x: Float[Tensor, "N 3"], aabb: Float[Tensor, "2 3"]) -> Float[Tensor, "N 3"]:
+    """World points to grid_sample's [-1, 1] coordinates (node 0 at -1, node R-1 at +1).
+
+    grid_sample indexes a [D, H, W] volume with (w, h, d) coordinates; our grids are stored
+    [X, Y, Z], so the axes are reversed here once.
+    """
+    unit = (x - aabb[0]) / (aabb[1] - aabb[0])
+    return (unit * 2.0 - 1.0).flip(-1)
+
+
+def sample_grid(volume: Tensor, x: Float[Tensor, "N 3"], aabb: Tensor, padding: str = "border") -> Tensor:
+    """Trilinear lookup of a [C, X, Y, Z] (or [X, Y, Z]) grid at world points -> [N, C] (or [N]).
+
+    ``padding="border"`` clamps points to the box. For the SDF this keeps the bound valid:
+    projection onto a convex box is 1-Lipschitz and never moves a point away from the
+    (in-box) surface, so the clamped value still under-estimates the distance.
+    """
+    squeeze = volume.dim() == 3
+    vol = volume[None] if squeeze else volume
+    coords = world_to_grid_coords(x, aabb).to(vol.dtype).reshape(1, -1, 1, 1, 3)
+    out = F.grid_sample(vol[None], coords, mode="bilinear", padding_mode=padding, align_corners=True)
+    out = out.reshape(vol.shape[0], -1).transpose(0, 1)
+    return out[:, 0] if squeeze else out
+
+
+class CertifiedSDFGrid(nn.Module):
+    """A trainable occupancy voxel grid and the certified weak SDF of its Gaussian smoothing.
+
+    Args:
+        resolution: number of grid nodes per axis (int or (X, Y, Z)).
+        aabb: ((xmin, ymin, zmin), (xmax, ymax, zmax)) in world units.
+        sigma: standard deviation of the smoothing noise, in world units.
+        eps: p̂ is clamped to [eps, 1 - eps]; bounds |sdf| by sigma·Φ⁻¹(1 - eps).
+        init_logit: initial occupancy logit (sigmoid(-3) ≈ 0.05, i.e. mostly empty).
+    """
+
+    def __init__(
+        self,
+        resolution: Union[int, Sequence[int]],
+        aabb: AabbLike = ((-1.0, -1.0, -1.0), (1.0, 1.0, 1.0)),
+        sigma: float = 0.05,
+        eps: float = 1e-5,
+        init_logit: float = -3.0,
+    ) -> None:
+        super().__init__()
+        res = (resolution,) * 3 if isinstance(resolution, int) else tuple(int(r) for r in resolution)
+        if len(res) != 3 or min(res) < 2:
+            raise ValueError(f"resolution must be >= 2 per axis, got {resolution}")
+        if not 0.0 < eps < 0.5:
+            raise ValueError(f"eps must lie in (0, 0.5), got {eps}")
+        self.resolution: Tuple[int, int, int] = res  # type: ignore[assignment]
+        self.register_buffer("aabb", torch.as_tensor(aabb, dtype=torch.float32).reshape(2, 3).clone())
+        self.eps = float(eps)
+        self.logits = nn.Parameter(torch.full(res, float(init_logit)))
+        self._sigma = 0.0
+        self.sigma = sigma
+        self._cache: Tuple[object, Tensor] | None = None
+
+    # -- configuration -------------------------------------------------------------
+    @property
+    def voxel_size(self) -> Float[Tensor, "3"]:
+        return (self.aabb[1] - self.aabb[0]) / torch.tensor([r - 1 for r in self.resolution], dtype=torch.float32)
+
+    @property
+    def sigma(self) -> float:
+        return self._sigma
+
+    @sigma.setter
+    def sigma(self, value: float) -> None:
+        """Changing σ rebuilds the (cheap, R×R) smoothing matrices."""
+        value = float(value)
+        if not value > 0.0 or not math.isfinite(value):
+            raise ValueError(f"sigma must be a positive finite number (world units), got {value}")
+        if value == self._sigma:
+            return
+        self._sigma = value
+        vox = self.voxel_size.tolist()
+        self._kernels = tuple(voxel_gaussian_matrix(n, value / h) for n, h in zip(self.resolution, vox))
+        self._cache = None
+
+    @property
+    def max_distance(self) -> float:
+        """The largest |sdf| the clamp allows: σ·Φ⁻¹(1 − ε)."""
+        return self._sigma * float(probit(torch.tensor(1.0 - self.eps, dtype=torch.float64)))
+
+    def grid_points(self) -> Float[Tensor, "X Y Z 3"]:
+        """World coordinates of the grid nodes (where occupancy and SDF are sampled)."""
+        axes = [torch.linspace(float(lo), float(hi), n) for lo, hi, n in zip(self.aabb[0], self.aabb[1], self.resolution)]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).to(self.aabb.device)
+
+    def occupancy(self) -> Float[Tensor, "X Y Z"]:
+        return torch.sigmoid(self.logits)
+
+    @torch.no_grad()
+    def set_occupancy(self, occ: Float[Tensor, "X Y Z"]) -> None:
+        """Set the base classifier from occupancies in [0, 1] at :meth:`grid_points`.
+
+        Exact 0/1 map to logits of ±30, whose sigmoid is 1e-13 from 0/1: far below float32
+        resolution of the smoothed values.
+        """
+        occ = torch.as_tensor(occ, dtype=torch.float32, device=self.logits.device)
+        if tuple(occ.shape) != self.resolution:
+            raise ValueError(f"occupancy shape {tuple(occ.shape)} != grid resolution {self.resolution}")
+        self.logits.copy_(torch.logit(occ.clamp(0.0, 1.0), eps=1e-13).clamp(-30.0, 30.0))
+        self._cache = None
+
+    # -- smoothing and SDF at the nodes -------------------------------------------
+    def smoothed_occupancy_grid(self) -> Float[Tensor, "X Y Z"]:
+        """p̂ at every node: exact randomized smoothing of the voxel classifier."""
+        kernels = tuple(k.to(self.logits.device) for k in self._kernels)
+        return smooth_occupancy(self.occupancy(), kernels)  # type: ignore[arg-type]
+
+    def sdf_grid(self) -> Float[Tensor, "X Y Z"]:
+        """Certified SDF at every node, differentiable w.r.t. the logits.
+
+        Without autograd the result is cached until the logits change (tracked through the
+        parameter's in-place version counter, which the optimizer bumps) or σ changes.
+        """
+        if torch.is_grad_enabled() and self.logits.requires_grad:
+            return certified_sdf_from_smoothed(self.smoothed_occupancy_grid(), self._sigma, self.eps)
+        key = (self.logits._version, self._sigma, self.logits.data_ptr())
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                sdf = certified_sdf_from_smoothed(self.smoothed_occupancy_grid(), self._sigma, self.eps)
+            self._cache = (key, sdf)
+        return self._cache[1]
+
+    # -- point queries ---------------------------------------------------------------
+    def sdf(self, x: Float[Tensor, "N 3"], sdf_grid: Tensor | None = None) -> Float[Tensor, "N"]:
+        """Certified SDF at world points (trilinear in the node SDF; clamped to the box)."""
+        grid = self.sdf_grid() if sdf_grid is None else sdf_grid
+        return sample_grid(grid, x.to(grid.dtype), self.aabb)
+
+    def smoothed_occupancy(self, x: Float[Tensor, "N 3"]) -> Float[Tensor, "N"]:
+        """p̂ at world points, consistent with :meth:`sdf`: p̂ = Φ(−sdf/σ) (= 1 − Φ(sdf/σ))."""
+        return 0.5 * torch.special.erfc(self.sdf(x) / (self._sigma * math.sqrt(2.0)))
+
+    def exact_smoothed_occupancy(self, x: Float[Tensor, "N 3"]) -> Float[Tensor, "N"]:
+        """p̂ at arbitrary points with no interpolation (cost N·R³): for checks, not training.
+
+        Uses the same per-axis cell masses as the node smoothing, evaluated at x.
+        """
+        occ = self.occupancy().to(torch.float64)
+        h = self.voxel_size.to(torch.float64)
+        weights = []
+        for axis in range(3):
+            nodes = torch.linspace(float(self.aabb[0, axis]), float(self.aabb[1, axis]), self.resolution[axis], dtype=torch.float64)
+            d = (nodes[None, :] - x[:, axis : axis + 1].to(torch.float64)) / h[axis]
+            s = self._sigma / float(h[axis]) * math.sqrt(2.0)
+            weights.append(0.5 * (torch.special.erfc(-(d + 0.5) / s) - torch.special.erfc(-(d - 0.5) / s)))
+        return torch.einsum("na,nb,nc,abc->n", weights[0], weights[1], weights[2], occ).to(torch.float32)
+
+    def sdf_gradient_grid(self) -> Float[Tensor, "3 X Y Z"]:
+        """Central-difference gradient of the node SDF (one-sided at the faces), for normals."""
+        grid = self.sdf_grid().detach()
+        h = self.voxel_size.tolist()
+        return torch.stack([torch.gradient(grid, spacing=h[a], dim=a)[0] for a in range(3)])
+
+    def normals(self, x: Float[Tensor, "N 3"]) -> Float[Tensor, "N 3"]:
+        """Outward unit normals ∇sdf/|∇sdf| at world points."""
+        return F.normalize(sample_grid(self.sdf_gradient_grid(), x, self.aabb), dim=-1)
+
+
+def occupancy_to_density(
+    sdf: Tensor, sharpness: float, density_scale: float = 30.0, density_eps: float = 1e-6
+) -> Tensor:
+    """The paper's SDF-to-density map: G = sigmoid(−sdf/s), density = −scale·ln(1 + ε − G).
+
+    Written with log1p(ε − G) for accuracy where G is tiny (far outside), so empty space gets
+    density ≈ scale·G rather than a rounding residue.
+    """
+    g = torch.sigmoid(-sdf / sharpness)
+    return -density_scale * torch.log1p(density_eps - g)

@@ -1,0 +1,163 @@
+"""The certsdf field: what is at a point (certified SDF, density, colour).
+
+Geometry is :class:`certsdf_ns.certified.CertifiedSDFGrid`; colour is an Instant-NGP-style
+field (multiresolution hash grid + small MLP on the view direction) built from nerfstudio's
+field components. How rays become pixels lives in :mod:`certsdf_ns.certsdf_model`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Dict, Literal, Optional, Tuple
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from nerfstudio.cameras.rays import RaySamples
+from nerfstudio.field_components.encodings import HashEncoding, SHEncoding
+from nerfstudio.field_components.field_heads import FieldHeadNames
+from nerfstudio.field_components.mlp import MLP
+from nerfstudio.fields.base_field import Field
+from nerfstudio.utils.rich_utils import CONSOLE
+
+from certsdf_ns.certified import CertifiedSDFGrid, occupancy_to_density, sample_grid
+
+Backend = Literal["tcnn", "torch"]
+_BACKEND_LOGGED = False
+
+
+def pick_backend(requested: Literal["auto", "tcnn", "torch"] = "auto") -> Backend:
+    """tinycudann when it is importable and CUDA is present, torch otherwise; logged once."""
+    global _BACKEND_LOGGED
+    if requested != "auto":
+        return requested
+    has_tcnn = torch.cuda.is_available() and importlib.util.find_spec("tinycudann") is not None
+    backend: Backend = "tcnn" if has_tcnn else "torch"
+    if not _BACKEND_LOGGED:
+        why = "tinycudann + CUDA found" if has_tcnn else "no tinycudann/CUDA: pure-torch hash grid"
+        CONSOLE.print(f"[certsdf] colour field backend: {backend} ({why})")
+        _BACKEND_LOGGED = True
+    return backend
+
+
+class DenseFeatureGrid(nn.Module):
+    """A dense [C, R, R, R] feature volume read with trilinear interpolation.
+
+    At 128³ on CPU this gives more PSNR per second than the torch hash grid (no hashing,
+    one fused grid_sample), at the cost of memory that grows with R³.
+    """
+
+    def __init__(self, aabb: Tensor, resolution: int, features: int) -> None:
+        super().__init__()
+        self.register_buffer("aabb", aabb.clone())
+        self.features = nn.Parameter(1e-2 * torch.randn(features, resolution, resolution, resolution))
+
+    def get_out_dim(self) -> int:
+        return self.features.shape[0]
+
+    def forward(self, x: Float[Tensor, "N 3"]) -> Float[Tensor, "N C"]:
+        return sample_grid(self.features, x, self.aabb, padding="border")
+
+
+class CertSDFField(Field):
+    """Certified-SDF geometry plus an Instant-NGP colour field.
+
+    Args:
+        aabb: scene box [2, 3].
+        grid_resolution: occupancy grid nodes per axis.
+        sigma: smoothing σ in world units.
+        sharpness: s in G = sigmoid(−sdf/s), world units.
+        eps: p̂ clamp.
+        density_scale / density_eps: density = −scale·ln(1 + eps − G).
+        colour_encoding: "hash" (Instant-NGP) or "dense" (feature volume).
+        backend: "tcnn" or "torch" for the hash grid and MLP.
+    """
+
+    def __init__(
+        self,
+        aabb: Float[Tensor, "2 3"],
+        grid_resolution: int = 128,
+        sigma: float = 0.035,
+        sharpness: float = 0.012,
+        eps: float = 1e-5,
+        init_logit: float = -2.0,
+        density_scale: float = 30.0,
+        density_eps: float = 1e-6,
+        colour_encoding: Literal["hash", "dense"] = "hash",
+        hash_levels: int = 16,
+        hash_max_res: int = 1024,
+        hash_log2_size: int = 19,
+        dense_resolution: int = 128,
+        dense_features: int = 8,
+        hidden_dim_colour: int = 64,
+        backend: Backend = "torch",
+    ) -> None:
+        super().__init__()
+        self.register_buffer("aabb", aabb.clone().float())
+        self.geometry = CertifiedSDFGrid(grid_resolution, aabb, sigma=sigma, eps=eps, init_logit=init_logit)
+        self.sharpness = float(sharpness)
+        self.density_scale = float(density_scale)
+        self.density_eps = float(density_eps)
+        self.backend = backend
+        self.colour_encoding_kind = colour_encoding
+        if colour_encoding == "hash":
+            self.position_encoding: nn.Module = HashEncoding(
+                num_levels=hash_levels,
+                min_res=16,
+                max_res=hash_max_res,
+                log2_hashmap_size=hash_log2_size,
+                features_per_level=2,
+                implementation=backend,
+            )
+        else:
+            self.position_encoding = DenseFeatureGrid(self.aabb, dense_resolution, dense_features)
+        self.direction_encoding = SHEncoding(levels=4, implementation=backend)
+        self.colour_mlp = MLP(
+            in_dim=self.position_encoding.get_out_dim() + self.direction_encoding.get_out_dim(),
+            num_layers=2,
+            layer_width=hidden_dim_colour,
+            out_dim=3,
+            activation=nn.ReLU(),
+            out_activation=nn.Sigmoid(),
+            implementation=backend,
+        )
+
+    # -- geometry ------------------------------------------------------------------
+    def density_from_sdf(self, sdf: Tensor) -> Tensor:
+        return occupancy_to_density(sdf, self.sharpness, self.density_scale, self.density_eps)
+
+    def sdf_at(self, x: Float[Tensor, "N 3"], sdf_grid: Optional[Tensor] = None) -> Float[Tensor, "N"]:
+        return self.geometry.sdf(x, sdf_grid)
+
+    def density_at(self, x: Float[Tensor, "*bs 3"], sdf_grid: Optional[Tensor] = None) -> Float[Tensor, "*bs 1"]:
+        sdf = self.sdf_at(x.reshape(-1, 3), sdf_grid)
+        return self.density_from_sdf(sdf).reshape(*x.shape[:-1], 1)
+
+    def forward_geonetwork(self, x: Float[Tensor, "*bs 3"]) -> Float[Tensor, "*bs 1"]:
+        """What nerfstudio's SDF exporters call: SDF in column 0 (no autograd graph kept)."""
+        with torch.no_grad():
+            return self.sdf_at(x.reshape(-1, 3).to(self.aabb.device)).reshape(*x.shape[:-1], 1)
+
+    # -- colour --------------------------------------------------------------------
+    def colour_at(self, x: Float[Tensor, "N 3"], directions: Float[Tensor, "N 3"]) -> Float[Tensor, "N 3"]:
+        if self.colour_encoding_kind == "hash":
+            unit = ((x - self.aabb[0]) / (self.aabb[1] - self.aabb[0])).clamp(0.0, 1.0)
+            features = self.position_encoding(unit)
+        else:
+            features = self.position_encoding(x)
+        dirs = self.direction_encoding((directions + 1.0) / 2.0)
+        return self.colour_mlp(torch.cat([features.float(), dirs.float()], dim=-1)).float()
+
+    # -- nerfstudio Field interface -----------------------------------------------------
+    def get_density(self, ray_samples: RaySamples) -> Tuple[Tensor, None]:
+        return self.density_at(ray_samples.frustums.get_positions()), None
+
+    def get_outputs(
+        self, ray_samples: RaySamples, density_embedding: Optional[Tensor] = None
+    ) -> Dict[FieldHeadNames, Tensor]:
+        positions = ray_samples.frustums.get_positions()
+        flat = positions.reshape(-1, 3)
+        dirs = ray_samples.frustums.directions.reshape(-1, 3)
+        rgb = self.colour_at(flat, dirs).reshape(*positions.shape[:-1], 3)
+        return {FieldHeadNames.RGB: rgb, FieldHeadNames.NORMALS: self.geometry.normals(flat).reshape(positions.shape)}

@@ -1,0 +1,285 @@
+"""The certsdf model: how rays become pixels, and what training optimises.
+
+Sampling is explicit and cheap: the certified SDF lives on a voxel grid, so the density
+along a ray costs one trilinear lookup per sample. A uniform pass over the scene box gives
+coarse weights, nerfstudio's PDF sampler concentrates samples where those weights are, and
+the colour network runs only on samples whose rendering weight is not negligible.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Literal, Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import Parameter
+
+from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
+from nerfstudio.model_components.ray_samplers import PDFSampler, UniformSampler
+from nerfstudio.model_components.renderers import AccumulationRenderer, DepthRenderer, NormalsRenderer, RGBRenderer
+from nerfstudio.model_components.scene_colliders import AABBBoxCollider
+from nerfstudio.models.base_model import Model, ModelConfig
+from nerfstudio.utils import colormaps
+from nerfstudio.utils.colors import get_color
+from nerfstudio.utils.rich_utils import CONSOLE
+
+from certsdf_ns.certified import sample_grid
+from certsdf_ns.certsdf_field import CertSDFField, pick_backend
+
+
+def annealed(start: float, end: float, step: int, steps: int) -> float:
+    """Log-linear interpolation from start to end over `steps` (constant afterwards).
+
+    A pure function of the step, so a resumed run follows exactly the same schedule.
+    """
+    if steps <= 0 or start == end:
+        return float(end)
+    t = min(max(step / steps, 0.0), 1.0)
+    return float(math.exp((1.0 - t) * math.log(start) + t * math.log(end)))
+
+
+@dataclass
+class CertSDFModelConfig(ModelConfig):
+    """Configuration of the certified-SDF model."""
+
+    _target: Type = field(default_factory=lambda: CertSDFModel)
+    enable_collider: bool = False
+    """Rays are clipped to the scene box by the model's own AABB collider instead."""
+    grid_resolution: int = 128
+    """Occupancy grid nodes per axis over the scene box."""
+    sigma_voxels: float = 1.5
+    """Randomized-smoothing σ at the end of training, in voxels of the occupancy grid."""
+    sigma_start_voxels: float = 1.5
+    """σ at step 0; annealed log-linearly to `sigma_voxels` over `anneal_steps`."""
+    sharpness_voxels: float = 0.5
+    """Density sharpness s (G = sigmoid(−sdf/s)) at the end of training, in voxels."""
+    sharpness_start_voxels: float = 0.5
+    """s at step 0; annealed log-linearly to `sharpness_voxels` over `anneal_steps`."""
+    anneal_steps: int = 1000
+    """Length of the σ and s schedules."""
+    eps: float = 1e-5
+    """p̂ is clamped to [eps, 1−eps]: the SDF is bounded by ±σ·Φ⁻¹(1−eps)."""
+    density_scale: float = 30.0
+    """The paper's density map: density = −density_scale·ln(1 + density_eps − G)."""
+    density_eps: float = 1e-6
+    """ε inside the density logarithm (caps the density inside at density_scale·ln(1/ε))."""
+    init_logit: float = -2.0
+    """Initial occupancy logit of every voxel (sigmoid(−2) ≈ 0.12: almost empty, but visible to gradients)."""
+    colour_encoding: Literal["hash", "dense"] = "hash"
+    """Colour features: Instant-NGP hash grid, or a dense feature volume (faster on CPU at 128³)."""
+    hash_levels: int = 16
+    """Hash grid levels."""
+    hash_max_res: int = 1024
+    """Finest hash grid resolution."""
+    hash_log2_size: int = 19
+    """log2 of the hash table size per level."""
+    dense_resolution: int = 128
+    """Dense colour feature volume resolution (colour_encoding='dense')."""
+    dense_features: int = 8
+    """Channels of the dense colour feature volume."""
+    hidden_dim_colour: int = 64
+    """Width of the colour MLP."""
+    backend: Literal["auto", "tcnn", "torch"] = "auto"
+    """Hash grid / MLP implementation. 'auto': tinycudann on CUDA when importable, torch otherwise.
+    Resolved at construction and written into the saved config, so a checkpoint is never loaded
+    into the other backend."""
+    num_coarse_samples: int = 96
+    """Uniform samples per ray inside the scene box (density only: trilinear lookups)."""
+    num_fine_samples: int = 64
+    """PDF samples per ray, drawn from the coarse weights and merged with the coarse samples."""
+    colour_weight_threshold: float = 1e-4
+    """The colour network runs only on samples whose rendering weight exceeds this."""
+    background_color: Literal["random", "white", "black"] = "random"
+    """Training background. 'random' composites RGBA targets on random colours, so
+    semi-transparent fog in front of a plain background is no longer free."""
+    eval_background_color: Literal["white", "black"] = "white"
+    """Background for rendering and metrics outside training (NeRF-synthetic is evaluated on white)."""
+    fill_loss_mult: float = 0.01
+    """Weight of the occluded-space prior: occupancy at a sample is pulled towards 1 − T (its
+    probability of being behind the first surface). Fills object interiors, which the
+    photometric loss never sees, so the zero level set bounds a solid; free space is pulled to 0."""
+    binary_loss_mult: float = 1e-3
+    """Weight of mean o·(1−o) over the grid: the smoothed classifier should smooth a classifier."""
+    tv_loss_mult: float = 1e-4
+    """Weight of total variation of the occupancy grid (suppresses isolated floaters)."""
+
+
+class CertSDFModel(Model):
+    """Volume rendering of a certified weak SDF (Pérez S. et al., arXiv 2408.13135)."""
+
+    config: CertSDFModelConfig
+
+    def populate_modules(self) -> None:
+        super().populate_modules()
+        cfg = self.config
+        aabb = self.scene_box.aabb.float()
+        self.voxel = float(((aabb[1] - aabb[0]) / (cfg.grid_resolution - 1)).min())
+        backend = pick_backend(cfg.backend)
+        cfg.backend = backend  # record the resolved backend in the saved config
+        self.field = CertSDFField(
+            aabb,
+            grid_resolution=cfg.grid_resolution,
+            sigma=cfg.sigma_start_voxels * self.voxel,
+            sharpness=cfg.sharpness_start_voxels * self.voxel,
+            eps=cfg.eps,
+            init_logit=cfg.init_logit,
+            density_scale=cfg.density_scale,
+            density_eps=cfg.density_eps,
+            colour_encoding=cfg.colour_encoding,
+            hash_levels=cfg.hash_levels,
+            hash_max_res=cfg.hash_max_res,
+            hash_log2_size=cfg.hash_log2_size,
+            dense_resolution=cfg.dense_resolution,
+            dense_features=cfg.dense_features,
+            hidden_dim_colour=cfg.hidden_dim_colour,
+            backend=backend,
+        )
+        self.box_collider = AABBBoxCollider(self.scene_box)
+        self.uniform_sampler = UniformSampler(num_samples=cfg.num_coarse_samples)
+        self.pdf_sampler = PDFSampler(num_samples=cfg.num_fine_samples, include_original=True)
+        self.renderer_rgb = RGBRenderer(background_color=cfg.background_color)
+        self.renderer_accumulation = AccumulationRenderer()
+        self.renderer_depth = DepthRenderer(method="expected")
+        self.renderer_normals = NormalsRenderer()
+        self.eval_background = get_color(cfg.eval_background_color)
+
+        from torchmetrics.functional import structural_similarity_index_measure
+        from torchmetrics.image import PeakSignalNoiseRatio
+
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.ssim = structural_similarity_index_measure
+        self._lpips: Optional[torch.nn.Module] = None
+        self._lpips_checked = False
+
+    # -- schedules -------------------------------------------------------------------
+    def set_schedule_step(self, step: int) -> None:
+        cfg = self.config
+        self.field.geometry.sigma = annealed(cfg.sigma_start_voxels, cfg.sigma_voxels, step, cfg.anneal_steps) * self.voxel
+        self.field.sharpness = annealed(cfg.sharpness_start_voxels, cfg.sharpness_voxels, step, cfg.anneal_steps) * self.voxel
+
+    def update_to_step(self, step: int) -> None:
+        """Called by the pipeline when a checkpoint is loaded: σ and s are not parameters,
+        they are recomputed from the step, so eval/export see the σ the grid was trained with."""
+        self.set_schedule_step(step)
+
+    def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
+        return [
+            TrainingCallback(
+                where_to_run=[TrainingCallbackLocation.BEFORE_TRAIN_ITERATION],
+                update_every_num_iters=1,
+                func=self.set_schedule_step,
+            )
+        ]
+
+    def get_param_groups(self) -> Dict[str, List[Parameter]]:
+        geometry = [self.field.geometry.logits]
+        colour = [p for n, p in self.field.named_parameters() if not n.startswith("geometry.")]
+        return {"geometry": geometry, "fields": colour}
+
+    # -- rendering ---------------------------------------------------------------------
+    def forward(self, ray_bundle):  # type: ignore[override]
+        return self.get_outputs(self.box_collider(ray_bundle))
+
+    def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
+        field_ = self.field
+        sdf_grid = field_.geometry.sdf_grid()  # once per batch; differentiable while training
+        coarse = self.uniform_sampler(ray_bundle)
+        with torch.no_grad():
+            coarse_density = field_.density_at(coarse.frustums.get_positions(), sdf_grid.detach())
+            coarse_weights = coarse.get_weights(coarse_density)
+        samples = self.pdf_sampler(ray_bundle, coarse, coarse_weights)
+        positions = samples.frustums.get_positions()
+        density = field_.density_at(positions, sdf_grid)
+        weights, transmittance = samples.get_weights_and_transmittance(density)
+
+        # Colour only where it can change the pixel: typically a few samples per ray.
+        active = weights[..., 0].detach() > self.config.colour_weight_threshold
+        rgb_samples = positions.new_zeros(*positions.shape[:-1], 3)
+        if active.any():
+            rgb_samples[active] = field_.colour_at(positions[active], samples.frustums.directions[active])
+        accumulation = self.renderer_accumulation(weights=weights)
+        rgb = self.renderer_rgb(rgb=rgb_samples, weights=weights)
+        if not self.training:
+            # Outside training, composite the evaluation background (the "random" renderer returns black).
+            rgb = rgb + self.eval_background.to(rgb) * (1.0 - accumulation)
+        depth = self.renderer_depth(weights=weights, ray_samples=samples)
+        outputs: Dict[str, Tensor] = {"rgb": rgb, "accumulation": accumulation, "depth": depth}
+
+        if self.training:
+            occupancy = sample_grid(torch.sigmoid(field_.geometry.logits), positions.reshape(-1, 3), field_.aabb)
+            behind = (1.0 - transmittance[..., 0]).detach().reshape(-1)
+            outputs["fill_loss"] = F.binary_cross_entropy(occupancy.clamp(1e-6, 1 - 1e-6), behind.clamp(0.0, 1.0))
+        else:
+            with torch.no_grad():
+                flat = positions.reshape(-1, 3)
+                normals = field_.geometry.normals(flat).reshape(positions.shape)
+                outputs["normals"] = (self.renderer_normals(normals=normals, weights=weights) + 1.0) / 2.0
+                sdf = field_.sdf_at(flat, sdf_grid).reshape(*positions.shape[:-1], 1)
+                outputs["sdf"] = (weights * sdf).sum(dim=-2) / accumulation.clamp_min(1e-6)
+                outputs["num_colour_samples"] = active.sum(dim=-1, keepdim=True).float()
+        return outputs
+
+    # -- losses and metrics -----------------------------------------------------------------
+    def _gt_on_eval_background(self, image: Tensor) -> Tensor:
+        return self.renderer_rgb.blend_background(image, background_color=self.eval_background.to(image))
+
+    def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
+        gt = self._gt_on_eval_background(batch["image"].to(self.device))
+        pred = outputs["rgb"]
+        if self.training and self.config.background_color == "random":
+            pred = pred + self.eval_background.to(pred) * (1.0 - outputs["accumulation"])
+        metrics = {"psnr": self.psnr(pred.detach(), gt), "sigma": torch.tensor(self.field.geometry.sigma)}
+        return metrics
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
+        image = batch["image"].to(self.device)
+        pred_rgb, gt_rgb = self.renderer_rgb.blend_background_for_loss_computation(
+            pred_image=outputs["rgb"], pred_accumulation=outputs["accumulation"], gt_image=image
+        )
+        loss = {"rgb_loss": F.mse_loss(pred_rgb, gt_rgb)}
+        if self.training:
+            cfg = self.config
+            occ = torch.sigmoid(self.field.geometry.logits)
+            loss["fill_loss"] = cfg.fill_loss_mult * outputs["fill_loss"]
+            if cfg.binary_loss_mult > 0:
+                loss["binary_loss"] = cfg.binary_loss_mult * (occ * (1.0 - occ)).mean()
+            if cfg.tv_loss_mult > 0:
+                tv = sum((occ.diff(dim=d) ** 2).mean() for d in range(3))
+                loss["tv_loss"] = cfg.tv_loss_mult * tv
+        return loss
+
+    def _lpips_module(self) -> Optional[torch.nn.Module]:
+        """LPIPS only when its AlexNet weights are already cached: offline they cannot be fetched."""
+        if not self._lpips_checked:
+            self._lpips_checked = True
+            weights = Path(torch.hub.get_dir()) / "checkpoints" / "alexnet-owt-7be5be79.pth"
+            if weights.exists():
+                from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+                self._lpips = LearnedPerceptualImagePatchSimilarity(normalize=True).to(self.device)
+            else:
+                CONSOLE.print(f"[certsdf] LPIPS skipped: backbone weights not found at {weights} (offline).")
+        return self._lpips
+
+    def get_image_metrics_and_images(
+        self, outputs: Dict[str, Tensor], batch: Dict[str, Tensor]
+    ) -> Tuple[Dict[str, float], Dict[str, Tensor]]:
+        gt = self._gt_on_eval_background(batch["image"].to(self.device))
+        pred = outputs["rgb"]
+        gt_b, pred_b = torch.moveaxis(gt, -1, 0)[None], torch.moveaxis(pred, -1, 0)[None]
+        metrics = {"psnr": float(self.psnr(gt_b, pred_b).item()), "ssim": float(self.ssim(gt_b, pred_b))}
+        lpips = self._lpips_module()
+        if lpips is not None:
+            metrics["lpips"] = float(lpips(gt_b, pred_b))
+        images = {
+            "img": torch.cat([gt, pred], dim=1),
+            "accumulation": colormaps.apply_colormap(outputs["accumulation"]),
+            "depth": colormaps.apply_depth_colormap(outputs["depth"], accumulation=outputs["accumulation"]),
+            "normals": outputs["normals"],
+        }
+        return metrics, images

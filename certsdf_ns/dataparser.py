@@ -1,0 +1,125 @@
+"""A dataparser that detects Blender/NeRF-synthetic and nerfstudio formats.
+
+`ns-train certsdf --data DIR` takes no dataparser subcommand: this parser looks at DIR,
+picks nerfstudio's own Blender or Nerfstudio parser, and applies the matching preset from
+`data_configs/`. It also fixes one trap of nerfstudio's Blender parser: trimmed copies of
+NeRF-synthetic often lack `transforms_val.json`, and evaluation then falls back to the
+test split (with one warning) instead of raising FileNotFoundError.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Literal, Optional, Type
+
+import torch
+
+from nerfstudio.data.dataparsers.base_dataparser import DataParser, DataParserConfig, DataparserOutputs
+from nerfstudio.data.dataparsers.blender_dataparser import Blender, BlenderDataParserConfig
+from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+from nerfstudio.data.scene_box import SceneBox
+from nerfstudio.utils.rich_utils import CONSOLE
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "data_configs"
+Format = Literal["blender", "nerfstudio"]
+
+
+class DataFormatError(ValueError):
+    """Input data that certsdf cannot use; the message names the file and what is wrong."""
+
+
+def detect_format(data: Path) -> Format:
+    """Blender if `transforms_train.json` is there, nerfstudio if `transforms.json` is."""
+    if not data.exists():
+        raise DataFormatError(f"data path {data} does not exist.")
+    if data.is_file():
+        if data.suffix == ".json":
+            return "nerfstudio"
+        raise DataFormatError(f"data path {data} is a file; pass the scene folder.")
+    if (data / "transforms_train.json").exists():
+        return "blender"
+    if (data / "transforms.json").exists():
+        return "nerfstudio"
+    if not any(data.iterdir()):
+        raise DataFormatError(f"data folder {data} is empty.")
+    raise DataFormatError(
+        f"{data} holds neither transforms_train.json (Blender/NeRF-synthetic) nor transforms.json "
+        "(nerfstudio format); certsdf cannot tell how to read it."
+    )
+
+
+def load_preset(fmt: Format, preset_dir: Path = PRESET_DIR) -> Dict[str, Any]:
+    """The dataset preset for a format; keys starting with '_' are comments."""
+    path = preset_dir / f"{fmt}.json"
+    with open(path, encoding="utf-8") as f:
+        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+
+
+class BlenderWithValFallback(Blender):
+    """nerfstudio's Blender parser, evaluating on the test split when val is missing."""
+
+    _warned = False
+
+    def _generate_dataparser_outputs(self, split: str = "train") -> DataparserOutputs:
+        if split == "val" and not (self.data / "transforms_val.json").exists():
+            if not BlenderWithValFallback._warned:
+                CONSOLE.print(
+                    f"[yellow]certsdf: {self.data / 'transforms_val.json'} is missing; evaluating on the test split."
+                )
+                BlenderWithValFallback._warned = True
+            split = "test"
+        return super()._generate_dataparser_outputs(split)
+
+
+@dataclass
+class BlenderWithValFallbackConfig(BlenderDataParserConfig):
+    _target: Type = field(default_factory=lambda: BlenderWithValFallback)
+
+
+@dataclass
+class CertSDFDataParserConfig(DataParserConfig):
+    """Format-detecting dataparser (Blender/NeRF-synthetic or nerfstudio)."""
+
+    _target: Type = field(default_factory=lambda: CertSDFDataParser)
+    data: Path = Path("data/nerf_synthetic/lego")
+    """Scene folder (or a nerfstudio transforms.json)."""
+    format: Literal["auto", "blender", "nerfstudio"] = "auto"
+    """Input format; 'auto' detects it from the files present."""
+    preset_dir: Path = PRESET_DIR
+    """Folder of per-format presets (`blender.json`, `nerfstudio.json`)."""
+
+
+class CertSDFDataParser(DataParser):
+    """Delegates to nerfstudio's parser for the detected format, with certsdf's presets."""
+
+    config: CertSDFDataParserConfig
+
+    def __init__(self, config: CertSDFDataParserConfig) -> None:
+        super().__init__(config)
+        self._delegate: Optional[DataParser] = None
+        self.format: Optional[Format] = None
+
+    def delegate(self) -> DataParser:
+        if self._delegate is None:
+            data = Path(self.config.data)
+            fmt: Format = detect_format(data) if self.config.format == "auto" else self.config.format
+            preset = load_preset(fmt, self.config.preset_dir)
+            self.format = fmt
+            if fmt == "blender":
+                box = preset.pop("scene_box", None)
+                parser = BlenderWithValFallbackConfig(data=data, **preset).setup()
+                self._scene_box = None if box is None else SceneBox(aabb=torch.tensor(box, dtype=torch.float32))
+            else:
+                parser = NerfstudioDataParserConfig(data=data, **preset).setup()
+                self._scene_box = None
+            CONSOLE.print(f"[certsdf] {data}: {fmt} format")
+            self._delegate = parser
+        return self._delegate
+
+    def _generate_dataparser_outputs(self, split: str = "train", **kwargs: Any) -> DataparserOutputs:
+        outputs = self.delegate().get_dataparser_outputs(split, **kwargs)
+        if self._scene_box is not None:
+            outputs.scene_box = self._scene_box
+        return outputs

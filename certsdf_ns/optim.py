@@ -1,0 +1,50 @@
+"""Optimizer and scheduler configs that keep checkpoints loadable with torch.load's defaults.
+
+Since torch 2.6, `torch.load` defaults to `weights_only=True`. nerfstudio's exponential
+decay scheduler computes learning rates with numpy, so its state (and the optimizer's
+param_group "lr") hold numpy scalars, and `ns-eval`, `ns-export`, `ns-viewer` and resuming
+then refuse the checkpoint (nerfstudio issue 3683). Here the same schedule returns plain
+Python floats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Type
+
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from nerfstudio.engine.optimizers import AdamOptimizerConfig
+from nerfstudio.engine.schedulers import ExponentialDecayScheduler, ExponentialDecaySchedulerConfig
+
+
+@dataclass
+class FusedAdamOptimizerConfig(AdamOptimizerConfig):
+    """Adam with torch's fused kernel (one pass over each parameter; fastest on CPU too)."""
+
+    fused: bool = True
+    """Use the fused implementation."""
+
+
+class PlainFloatExponentialDecayScheduler(ExponentialDecayScheduler):
+    """nerfstudio's exponential decay, with learning rates as Python floats."""
+
+    def get_scheduler(self, optimizer: Optimizer, lr_init: float) -> LRScheduler:
+        scheduler = super().get_scheduler(optimizer, lr_init)
+        lambdas = scheduler.lr_lambdas  # type: ignore[attr-defined]
+        scheduler.lr_lambdas = [lambda step, f=f: float(f(step)) for f in lambdas]  # type: ignore[attr-defined]
+        # The constructor already took one step with the numpy lambdas: redo its effect.
+        for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):  # type: ignore[attr-defined]
+            group["lr"] = float(base) * fn(scheduler.last_epoch)
+        scheduler._last_lr = [float(g["lr"]) for g in optimizer.param_groups]  # type: ignore[attr-defined]
+        return scheduler
+
+
+@dataclass
+class PlainFloatExponentialDecaySchedulerConfig(ExponentialDecaySchedulerConfig):
+    _target: Type = field(default_factory=lambda: PlainFloatExponentialDecayScheduler)
+
+
+
