@@ -52,7 +52,9 @@ def voxel_gaussian_matrix(num: int, sigma_voxels: float, dtype: torch.dtype = to
         0.5 * (torch.special.erfc(lower) - torch.special.erfc(upper)),
         0.5 * (torch.special.erfc(-upper) - torch.special.erfc(-lower)),
     )
-    return mass.to(dtype)
+    # Masses below 1e-12 are invisible next to the O(1) centre in float32, but left in they
+    # become denormals, which slow BLAS down ~30x on x86. Dropping them changes p̂ by < 1e-9.
+    return torch.where(mass < 1e-12, torch.zeros_like(mass), mass).to(dtype)
 
 
 def smooth_occupancy(
@@ -224,6 +226,7 @@ class CertifiedSDFGrid(nn.Module):
         """p̂ at world points, consistent with :meth:`sdf`: p̂ = Φ(−sdf/σ) (= 1 − Φ(sdf/σ))."""
         return 0.5 * torch.special.erfc(self.sdf(x) / (self._sigma * math.sqrt(2.0)))
 
+    @torch.no_grad()
     def exact_smoothed_occupancy(self, x: Float[Tensor, "N 3"]) -> Float[Tensor, "N"]:
         """p̂ at arbitrary points with no interpolation (cost N·R³): for checks, not training.
 
@@ -237,7 +240,11 @@ class CertifiedSDFGrid(nn.Module):
             d = (nodes[None, :] - x[:, axis : axis + 1].to(torch.float64)) / h[axis]
             s = self._sigma / float(h[axis]) * math.sqrt(2.0)
             weights.append(0.5 * (torch.special.erfc(-(d + 0.5) / s) - torch.special.erfc(-(d - 0.5) / s)))
-        return torch.einsum("na,nb,nc,abc->n", weights[0], weights[1], weights[2], occ).to(torch.float32)
+        # Contract one axis at a time: memory N·Y·Z instead of an N·X·Y·Z intermediate.
+        nx, ny, nz = self.resolution
+        t = (weights[0] @ occ.reshape(nx, ny * nz)).reshape(-1, ny, nz)
+        t = torch.bmm(weights[1][:, None, :], t)[:, 0, :]
+        return (t * weights[2]).sum(dim=-1).to(torch.float32)
 
     def sdf_gradient_grid(self) -> Float[Tensor, "3 X Y Z"]:
         """Central-difference gradient of the node SDF (one-sided at the faces), for normals."""

@@ -88,12 +88,16 @@ class CertSDFModelConfig(ModelConfig):
     """Hash grid / MLP implementation. 'auto': tinycudann on CUDA when importable, torch otherwise.
     Resolved at construction and written into the saved config, so a checkpoint is never loaded
     into the other backend."""
-    num_coarse_samples: int = 96
+    num_coarse_samples: int = 64
     """Uniform samples per ray inside the scene box (density only: trilinear lookups)."""
-    num_fine_samples: int = 64
+    num_fine_samples: int = 32
     """PDF samples per ray, drawn from the coarse weights and merged with the coarse samples."""
+    include_coarse_samples: bool = True
+    """Render with the coarse samples merged into the PDF samples (more robust, ~2x the lookups)."""
     colour_weight_threshold: float = 1e-4
-    """The colour network runs only on samples whose rendering weight exceeds this."""
+    """The colour network runs only on samples whose rendering weight exceeds this..."""
+    colour_samples_per_ray: int = 8
+    """...and on at most this many samples per ray (the heaviest ones)."""
     background_color: Literal["random", "white", "black"] = "random"
     """Training background. 'random' composites RGBA targets on random colours, so
     semi-transparent fog in front of a plain background is no longer free."""
@@ -103,6 +107,8 @@ class CertSDFModelConfig(ModelConfig):
     """Weight of the occluded-space prior: occupancy at a sample is pulled towards 1 − T (its
     probability of being behind the first surface). Fills object interiors, which the
     photometric loss never sees, so the zero level set bounds a solid; free space is pulled to 0."""
+    fill_ray_fraction: float = 0.25
+    """Fraction of the batch's rays on which the occluded-space prior is evaluated."""
     binary_loss_mult: float = 1e-3
     """Weight of mean o·(1−o) over the grid: the smoothed classifier should smooth a classifier."""
     tv_loss_mult: float = 1e-4
@@ -141,7 +147,7 @@ class CertSDFModel(Model):
         )
         self.box_collider = AABBBoxCollider(self.scene_box)
         self.uniform_sampler = UniformSampler(num_samples=cfg.num_coarse_samples)
-        self.pdf_sampler = PDFSampler(num_samples=cfg.num_fine_samples, include_original=True)
+        self.pdf_sampler = PDFSampler(num_samples=cfg.num_fine_samples, include_original=cfg.include_coarse_samples)
         self.renderer_rgb = RGBRenderer(background_color=cfg.background_color)
         self.renderer_accumulation = AccumulationRenderer()
         self.renderer_depth = DepthRenderer(method="expected")
@@ -195,10 +201,14 @@ class CertSDFModel(Model):
         samples = self.pdf_sampler(ray_bundle, coarse, coarse_weights)
         positions = samples.frustums.get_positions()
         density = field_.density_at(positions, sdf_grid)
-        weights, transmittance = samples.get_weights_and_transmittance(density)
+        alphas = 1.0 - torch.exp(-samples.deltas * density)
+        weights, transmittance = samples.get_weights_and_transmittance_from_alphas(alphas)
 
-        # Colour only where it can change the pixel: typically a few samples per ray.
-        active = weights[..., 0].detach() > self.config.colour_weight_threshold
+        # Colour only where it can change the pixel: the few heaviest samples of each ray
+        # (early in training, fog gives every sample some weight; the cap bounds the cost).
+        w = weights[..., 0].detach()
+        top = torch.topk(w, k=min(self.config.colour_samples_per_ray, w.shape[-1]), dim=-1).indices
+        active = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, top, True) & (w > self.config.colour_weight_threshold)
         rgb_samples = positions.new_zeros(*positions.shape[:-1], 3)
         if active.any():
             rgb_samples[active] = field_.colour_at(positions[active], samples.frustums.directions[active])
@@ -211,8 +221,11 @@ class CertSDFModel(Model):
         outputs: Dict[str, Tensor] = {"rgb": rgb, "accumulation": accumulation, "depth": depth}
 
         if self.training:
-            occupancy = sample_grid(torch.sigmoid(field_.geometry.logits), positions.reshape(-1, 3), field_.aabb)
-            behind = (1.0 - transmittance[..., 0]).detach().reshape(-1)
+            # The prior needs no dense coverage: a subset of the (randomly drawn) rays is enough
+            # and keeps the grid_sample backward, the costliest op on CPU, small.
+            n = max(1, int(positions.shape[0] * self.config.fill_ray_fraction))
+            occupancy = sample_grid(torch.sigmoid(field_.geometry.logits), positions[:n].reshape(-1, 3), field_.aabb)
+            behind = (1.0 - transmittance[:n, :-1, 0]).detach().reshape(-1)  # T before each sample
             outputs["fill_loss"] = F.binary_cross_entropy(occupancy.clamp(1e-6, 1 - 1e-6), behind.clamp(0.0, 1.0))
         else:
             with torch.no_grad():

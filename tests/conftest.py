@@ -1,0 +1,77 @@
+"""Shared fixtures: one tiny generated scene and one real `ns-train certsdf` run per test session.
+
+Every end-to-end test (eval, export, viewer, resume) reuses the same trained run so the suite
+trains once. The run goes through the real CLI as a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+BIN = Path(sys.executable).parent
+
+# A small but real configuration: 48x48 images, 64^3 grid, 2048 rays per step, 300 steps
+# (about 2.5 minutes on 2 CPU cores).
+TINY_TRAIN_ARGS = [
+    "--pipeline.datamanager.train-num-rays-per-batch", "2048",
+    "--pipeline.model.grid-resolution", "64",
+    "--pipeline.model.hash-log2-size", "15",
+    "--pipeline.model.hash-max-res", "256",
+    "--pipeline.model.anneal-steps", "200",
+]  # fmt: skip
+
+
+def ns(cmd: str) -> str:
+    """Path of a console script installed next to the running interpreter."""
+    return str(BIN / cmd)
+
+
+def run_cli(args, timeout: float = 900, cwd: Path | None = None, env_extra: dict | None = None):
+    env = dict(os.environ)
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    env.update(env_extra or {})
+    return subprocess.run(
+        [str(a) for a in args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
+    )
+
+
+@dataclass
+class TrainedRun:
+    scene: Path
+    config: Path
+    checkpoint_dir: Path
+    steps: int
+    stdout: str
+
+
+@pytest.fixture(scope="session")
+def tiny_scene(tmp_path_factory) -> Path:
+    from certsdf_ns.scenes import make_scene
+
+    return make_scene(tmp_path_factory.mktemp("scene") / "tiny", image_size=48, n_train=40, n_val=4, n_test=4)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_scene: Path, tmp_path_factory) -> TrainedRun:
+    out = tmp_path_factory.mktemp("outputs")
+    steps = 300
+    proc = run_cli(
+        [
+            ns("ns-train"), "certsdf", "--data", tiny_scene, "--output-dir", out,
+            "--experiment-name", "e2e", "--timestamp", "run", "--vis", "tensorboard",
+            "--max-num-iterations", steps, "--steps-per-save", 100, "--save-only-latest-checkpoint", "False",
+            "--viewer.quit-on-train-completion", "True", *TINY_TRAIN_ARGS,
+        ],
+        timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = out / "e2e" / "certsdf" / "run"
+    return TrainedRun(tiny_scene, run_dir / "config.yml", run_dir / "nerfstudio_models", steps, proc.stdout)

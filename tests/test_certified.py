@@ -1,0 +1,220 @@
+"""Property tests of the certified-SDF maths (certsdf_ns.certified), no nerfstudio needed."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from certsdf_ns.certified import CertifiedSDFGrid, occupancy_to_density, voxel_gaussian_matrix
+
+AABB = ((-1.0, -1.0, -1.0), (1.0, 1.0, 1.0))
+
+
+def make_grid(res: int, sigma_vox: float, eps: float = 1e-5) -> CertifiedSDFGrid:
+    h = 2.0 / (res - 1)
+    return CertifiedSDFGrid(res, AABB, sigma=sigma_vox * h, eps=eps)
+
+
+def test_kernel_rows_are_gaussian_cell_masses() -> None:
+    k = voxel_gaussian_matrix(101, 3.0, dtype=torch.float64)
+    # a row far from the borders carries the whole Gaussian mass; it is symmetric and peaked
+    assert abs(float(k[50].sum()) - 1.0) < 1e-9
+    assert torch.allclose(k[50, 40:50].flip(0), k[50, 51:61])
+    assert int(k[50].argmax()) == 50
+    # near a border, the mass of the (empty) outside is missing: half of it at the first node
+    assert abs(float(k[0].sum()) - (0.5 + 0.5 * math.erf(0.5 / (3.0 * math.sqrt(2))))) < 1e-9
+
+
+@pytest.mark.parametrize("sigma_vox", [0.7, 2.0, 4.0])
+def test_plane_is_reproduced(sigma_vox: float) -> None:
+    """Occupancy = half-space {x < c}: the SDF is x − c, to within 2% of σ.
+
+    Grid 64³ on [-1, 1]³; c lies on a cell face (the voxel classifier's boundary), points
+    are kept 5σ away from the other faces of the box (whose outside is empty) and inside the
+    unclamped band: |x − c| < σ·Φ⁻¹(1−ε) − h, so both nodes around a point are unclamped.
+    """
+    res = 64
+    grid = make_grid(res, sigma_vox)
+    pts = grid.grid_points()
+    h = float(grid.voxel_size[0])
+    c = float(pts[30, 0, 0, 0]) + h / 2
+    grid.set_occupancy((pts[..., 0] < c).float())
+
+    gen = torch.Generator().manual_seed(0)
+    margin = 5 * grid.sigma + h
+    x = torch.rand(20000, 3, generator=gen) * 2 - 1
+    x[:, 0] = c + (torch.rand(20000, generator=gen) * 2 - 1) * (grid.max_distance - h)
+    keep = (x[:, 1:].abs() < 1 - margin).all(dim=1) & (x[:, 0] > -1 + margin) & (x[:, 0] < 1 - margin)
+    x = x[keep]
+    err = (grid.sdf(x) - (x[:, 0] - c)).abs().max().item()
+    assert err < 0.02 * grid.sigma, f"plane error {err / grid.sigma:.4f} σ"
+
+
+def _sphere_and_cube(res: int, sigma_vox: float):
+    grid = make_grid(res, sigma_vox)
+    pts = grid.grid_points()
+    sphere = (pts.norm(dim=-1) < 0.5).float()
+    cube = (pts.abs().amax(dim=-1) < 0.45).float()
+    return grid, {"sphere": sphere, "cube": cube}
+
+
+@pytest.mark.parametrize("shape", ["sphere", "cube"])
+def test_sdf_is_a_lower_bound_on_distance_to_the_smoothed_surface(shape: str) -> None:
+    """|sdf(x)| ≤ dist(x, {p̂ = ½}) + tol; sign correct more than 2 voxels from the surface.
+
+    The smoothed surface is extracted from p̂ computed exactly (no interpolation) on a 2x
+    finer lattice, by marching cubes, and sampled densely. Tolerance: 0.35 voxel of the
+    certified grid, for the marching-cubes discretisation of the reference surface (linear
+    interpolation on a lattice of half a voxel) plus the trilinear interpolation of the SDF.
+    """
+    import mcubes
+    import trimesh
+    from scipy.spatial import cKDTree
+
+    res, sigma_vox = 40, 2.0
+    grid, shapes = _sphere_and_cube(res, sigma_vox)
+    grid.set_occupancy(shapes[shape])
+    h = float(grid.voxel_size[0])
+
+    # reference surface {p̂ = ½} from exact p̂ on a 2x finer lattice around the object
+    n = 65
+    lin = torch.linspace(-0.8, 0.8, n)
+    fine = torch.stack(torch.meshgrid(lin, lin, lin, indexing="ij"), dim=-1).reshape(-1, 3)
+    p_exact = torch.cat([grid.exact_smoothed_occupancy(chunk) for chunk in fine.split(4096)]).reshape(n, n, n)
+    verts, faces = mcubes.marching_cubes(p_exact.numpy().astype(np.float64), 0.5)
+    verts = verts * (1.6 / (n - 1)) - 0.8
+    surface = trimesh.Trimesh(verts, faces, process=False)
+    samples = surface.sample(200_000, seed=0) if "seed" in surface.sample.__code__.co_varnames else surface.sample(200_000)
+    tree = cKDTree(np.vstack([samples, verts]))
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(4000, 3, generator=gen) * 1.4 - 0.7
+    dist = torch.from_numpy(tree.query(x.numpy())[0]).float()
+    sdf = grid.sdf(x)
+    tol = 0.35 * h
+    excess = (sdf.abs() - dist).max().item()
+    assert excess <= tol, f"sdf overestimates distance by {excess / h:.3f} voxel"
+
+    inside_smoothed = grid.exact_smoothed_occupancy(x) > 0.5
+    far = dist > 2 * h
+    agree = ((sdf < 0) == inside_smoothed)[far].float().mean().item()
+    assert agree == 1.0
+
+
+def test_monte_carlo_randomized_smoothing_matches_grid() -> None:
+    """E[f(x+δ)] by Monte-Carlo (20k noise draws of the voxel classifier) equals the grid's p̂."""
+    res, sigma_vox = 32, 2.5
+    grid, shapes = _sphere_and_cube(res, sigma_vox)
+    grid.set_occupancy(shapes["sphere"])
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(40, 3, generator=gen) * 1.2 - 0.6
+    n_mc = 20_000
+    occ = grid.occupancy()
+    h = grid.voxel_size
+    p_mc = []
+    for xi in x:
+        noisy = xi + grid.sigma * torch.randn(n_mc, 3, generator=gen)
+        idx = torch.round((noisy - grid.aabb[0]) / h).long()  # the voxel (cell) containing the point
+        inside = ((idx >= 0) & (idx < res)).all(dim=1)
+        vals = torch.zeros(n_mc)
+        ii = idx[inside]
+        vals[inside] = occ[ii[:, 0], ii[:, 1], ii[:, 2]]
+        p_mc.append(vals.mean())
+    p_mc = torch.stack(p_mc)
+    p_exact = grid.exact_smoothed_occupancy(x)
+    mc_std = torch.sqrt(p_exact * (1 - p_exact) / n_mc).clamp_min(1e-4)
+    z = ((p_mc - p_exact) / mc_std).abs()
+    assert z.max() < 4.5, f"max z-score {z.max():.2f}"
+    # the nodes carry exactly this p̂ ...
+    nodes = grid.grid_points()
+    node_idx = torch.tensor([[16, 16, 16], [10, 20, 12], [24, 8, 16]])
+    on_nodes = nodes[node_idx[:, 0], node_idx[:, 1], node_idx[:, 2]]
+    p_grid = grid.smoothed_occupancy_grid()[node_idx[:, 0], node_idx[:, 1], node_idx[:, 2]]
+    assert torch.allclose(p_grid, grid.exact_smoothed_occupancy(on_nodes), atol=1e-5)
+    # ... and between nodes the interpolated p̂ stays within the MC error as well
+    z_interp = ((grid.smoothed_occupancy(x) - p_mc) / mc_std).abs()
+    assert z_interp.max() < 5.0
+
+
+@pytest.mark.parametrize("shape", ["sphere", "cube"])
+def test_sdf_is_one_lipschitz(shape: str) -> None:
+    """Autograd |∇sdf| ≤ 1.03 at random points (96³ grid, σ = 3 voxels, as in the planning study)."""
+    res, sigma_vox = 96, 3.0
+    grid, shapes = _sphere_and_cube(res, sigma_vox)
+    grid.set_occupancy(shapes[shape])
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.rand(50_000, 3, generator=gen) * 1.8 - 0.9).requires_grad_(True)
+    sdf = grid.sdf(x)
+    (g,) = torch.autograd.grad(sdf.sum(), x)
+    norms = g.norm(dim=-1)
+    assert norms.max().item() <= 1.03, f"max |∇sdf| = {norms.max():.4f}"
+    # and it is not trivially flat: near the surface the gradient has unit norm
+    assert norms.max().item() > 0.9
+    # finite differences between random pairs agree (a second, autograd-free check)
+    y = x.detach() + 0.05 * torch.nn.functional.normalize(torch.randn(50_000, 3, generator=gen), dim=-1)
+    ratio = (grid.sdf(y) - sdf.detach()).abs() / (y - x.detach()).norm(dim=-1)
+    assert ratio.max().item() <= 1.03
+
+
+@pytest.mark.parametrize("fill", [0.0, 1.0])
+def test_numerics_at_exact_zero_and_one_occupancy(fill: float) -> None:
+    grid = make_grid(24, 1.5)
+    grid.set_occupancy(torch.full((24, 24, 24), fill))
+    x = (torch.rand(1000, 3) * 2.4 - 1.2).requires_grad_(True)
+    sdf = grid.sdf(x)
+    density = occupancy_to_density(sdf, 0.02)
+    (gx,) = torch.autograd.grad((sdf + density).sum(), x)
+    assert torch.isfinite(sdf).all() and torch.isfinite(density).all() and torch.isfinite(gx).all()
+    assert sdf.abs().max() <= grid.max_distance * (1 + 1e-5)
+    # gradients w.r.t. the logits stay finite through the clamp as well
+    loss = grid.sdf(x.detach()).sum()
+    (gl,) = torch.autograd.grad(loss, grid.logits)
+    assert torch.isfinite(gl).all()
+
+
+def test_numerics_at_extreme_logits() -> None:
+    grid = make_grid(24, 1.5)
+    with torch.no_grad():
+        grid.logits.copy_(torch.randn(24, 24, 24) * 1e4)
+    x = torch.rand(500, 3) * 2 - 1
+    sdf = grid.sdf(x)
+    (gl,) = torch.autograd.grad(occupancy_to_density(sdf, 0.01).sum(), grid.logits)
+    assert torch.isfinite(sdf).all() and torch.isfinite(gl).all()
+
+
+def test_density_map_is_the_papers() -> None:
+    sdf = torch.tensor([-1.0, 0.0, 1.0])
+    s, eps = 0.1, 1e-6
+    g = torch.sigmoid(-sdf.double() / s)
+    expected = -30.0 * torch.log(1 + eps - g)  # reference in float64
+    assert torch.allclose(occupancy_to_density(sdf, s, 30.0, eps).double(), expected, rtol=1e-4)
+    assert occupancy_to_density(torch.tensor([-10.0]), s)[0] > occupancy_to_density(torch.tensor([10.0]), s)[0]
+
+
+def test_python_api_shapes_and_validation() -> None:
+    grid = CertifiedSDFGrid(resolution=16, aabb=((-1, -1, -1), (1, 1, 1)), sigma=0.2)
+    pts = grid.grid_points()
+    assert pts.shape == (16, 16, 16, 3)
+    assert torch.allclose(pts[0, 0, 0], torch.tensor([-1.0, -1.0, -1.0]))
+    grid.set_occupancy((pts.norm(dim=-1) < 0.5).float())
+    x = torch.zeros(5, 3)
+    assert grid.sdf(x).shape == (5,) and grid.smoothed_occupancy(x).shape == (5,)
+    assert (grid.sdf(x) < 0).all()
+    with pytest.raises(ValueError):
+        grid.sigma = 0.0
+    with pytest.raises(ValueError):
+        CertifiedSDFGrid(16, sigma=0.1, eps=0.7)
+    with pytest.raises(ValueError):
+        grid.set_occupancy(torch.zeros(8, 8, 8))
+
+
+def test_sdf_cache_follows_parameter_updates() -> None:
+    grid = make_grid(16, 1.5)
+    with torch.no_grad():
+        before = grid.sdf_grid().clone()
+        grid.logits.add_(5.0)  # in-place, as an optimizer does
+        after = grid.sdf_grid()
+    assert not torch.allclose(before, after)
