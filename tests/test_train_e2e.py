@@ -66,3 +66,55 @@ def test_ns_eval_loads_the_checkpoint_and_reports_sane_psnr(trained_run: Trained
     results = json.loads(out.read_text())["results"]
     assert 18.0 < results["psnr"] < 60.0, results
     assert 0.5 < results["ssim"] <= 1.0
+
+
+QUICK = [
+    "--vis", "tensorboard", "--viewer.quit-on-train-completion", "True", "--max-num-iterations", "20",
+    "--steps-per-eval-batch", "10", "--pipeline.datamanager.train-num-rays-per-batch", "512",
+    "--pipeline.model.grid-resolution", "32", "--pipeline.model.hash-log2-size", "12",
+]  # fmt: skip
+
+
+def _to_nerfstudio_format(blender: Path, out: Path) -> Path:
+    """Rewrite a Blender scene as a nerfstudio transforms.json (explicit intrinsics, file names with extension)."""
+    import math
+    import shutil
+
+    from PIL import Image
+
+    out.mkdir(parents=True)
+    frames = []
+    for split in ("train", "val"):
+        meta = json.loads((blender / f"transforms_{split}.json").read_text())
+        for frame in meta["frames"]:
+            src = blender / (frame["file_path"].replace("./", "") + ".png")
+            dst = out / "images" / f"{split}_{src.name}"
+            dst.parent.mkdir(exist_ok=True)
+            shutil.copy(src, dst)
+            frames.append({"file_path": f"images/{dst.name}", "transform_matrix": frame["transform_matrix"]})
+    w, h = Image.open(dst).size
+    focal = 0.5 * w / math.tan(0.5 * meta["camera_angle_x"])
+    transforms = {"fl_x": focal, "fl_y": focal, "cx": w / 2, "cy": h / 2, "w": w, "h": h, "camera_model": "OPENCV", "frames": frames}
+    (out / "transforms.json").write_text(json.dumps(transforms))
+    return out
+
+
+def test_nerfstudio_format_is_detected_and_trains(tiny_scene: Path, tmp_path: Path) -> None:
+    data = _to_nerfstudio_format(tiny_scene, tmp_path / "ns_scene")
+    proc = run_cli([ns("ns-train"), "certsdf", "--data", data, "--output-dir", tmp_path / "out", *QUICK], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "nerfstudio format" in proc.stdout
+    assert list((tmp_path / "out").rglob("*.ckpt"))
+
+
+def test_missing_val_split_falls_back_to_test_with_one_warning(tiny_scene: Path, tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "no_val"
+    shutil.copytree(tiny_scene, data)
+    (data / "transforms_val.json").unlink()
+    proc = run_cli([ns("ns-train"), "certsdf", "--data", data, "--output-dir", tmp_path / "out", *QUICK], timeout=600)
+    out = " ".join((proc.stdout + proc.stderr).split())  # rich wraps long lines
+    assert proc.returncode == 0, out[-3000:]
+    assert "FileNotFoundError" not in out
+    assert out.count("evaluating on the test split") == 1, out[-3000:]
