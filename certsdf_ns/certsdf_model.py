@@ -28,8 +28,16 @@ from nerfstudio.utils import colormaps
 from nerfstudio.utils.colors import get_color
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from certsdf_ns import ns_export_compat
 from certsdf_ns.certified import sample_grid
 from certsdf_ns.certsdf_field import CertSDFField, pick_backend
+from certsdf_ns.sdf_views import ray_sdf_outputs
+from certsdf_ns.viewer_controls import CertSDFViewerControls
+
+
+# ns-export imports this module when it loads a certsdf config.yml: make its marching cubes run
+# without CUDA (see certsdf_ns/ns_export_compat.py). A no-op outside ns-export.
+ns_export_compat.patch_loaded_exporter()
 
 
 def annealed(start: float, end: float, step: int, steps: int) -> float:
@@ -114,6 +122,12 @@ class CertSDFModelConfig(ModelConfig):
     tv_loss_mult: float = 1e-4
     """Weight of total variation of the occupancy grid (suppresses isolated floaters)."""
 
+    @property
+    def sdf_field(self) -> bool:
+        """Not a setting: `ns-export marching-cubes` only checks that this attribute exists. It
+        then calls `field.forward_geonetwork(x)[:, 0]`, which is the certified SDF (positive outside)."""
+        return True
+
 
 class CertSDFModel(Model):
     """Volume rendering of a certified weak SDF (Pérez S. et al., arXiv 2408.13135)."""
@@ -153,6 +167,8 @@ class CertSDFModel(Model):
         self.renderer_depth = DepthRenderer(method="expected")
         self.renderer_normals = NormalsRenderer()
         self.eval_background = get_color(cfg.eval_background_color)
+        # The viewer's certsdf panel (σ/s sliders, SDF slice, mesh); inert without a viewer.
+        self.viewer_controls = CertSDFViewerControls(self)
 
         from torchmetrics.functional import structural_similarity_index_measure
         from torchmetrics.image import PeakSignalNoiseRatio
@@ -165,8 +181,12 @@ class CertSDFModel(Model):
     # -- schedules -------------------------------------------------------------------
     def set_schedule_step(self, step: int) -> None:
         cfg = self.config
-        self.field.geometry.sigma = annealed(cfg.sigma_start_voxels, cfg.sigma_voxels, step, cfg.anneal_steps) * self.voxel
-        self.field.sharpness = annealed(cfg.sharpness_start_voxels, cfg.sharpness_voxels, step, cfg.anneal_steps) * self.voxel
+        sigma = annealed(cfg.sigma_start_voxels, cfg.sigma_voxels, step, cfg.anneal_steps)
+        sharpness = annealed(cfg.sharpness_start_voxels, cfg.sharpness_voxels, step, cfg.anneal_steps)
+        # A viewer slider may override the schedule until the user resets it.
+        sigma, sharpness = self.viewer_controls.on_schedule_step(step, sigma, sharpness)
+        self.field.geometry.sigma = sigma * self.voxel
+        self.field.sharpness = sharpness * self.voxel
 
     def update_to_step(self, step: int) -> None:
         """Called by the pipeline when a checkpoint is loaded: σ and s are not parameters,
@@ -235,6 +255,7 @@ class CertSDFModel(Model):
                 sdf = field_.sdf_at(flat, sdf_grid).reshape(*positions.shape[:-1], 1)
                 outputs["sdf"] = (weights * sdf).sum(dim=-2) / accumulation.clamp_min(1e-6)
                 outputs["num_colour_samples"] = active.sum(dim=-1, keepdim=True).float()
+                outputs.update(ray_sdf_outputs(sdf, field_.geometry.max_distance, band=0.5 * self.voxel))
         return outputs
 
     # -- losses and metrics -----------------------------------------------------------------

@@ -1,0 +1,295 @@
+"""certsdf's panel in nerfstudio's viser viewer: live σ / s, an SDF slice, a quick mesh.
+
+nerfstudio's viewer finds GUI elements by walking the pipeline's attributes, descending only
+into ``nn.Module`` attributes (``nerfstudio.viewer.utils.parse_object``). So the controls
+live on :class:`CertSDFViewerControls`, an ``nn.Module`` with no parameters (nothing enters
+checkpoints) stored on the model as ``model.viewer_controls``; the viewer installs them
+under "Custom Elements / model / viewer_controls" and calls ``ViewerControl._setup`` on
+``viewer_control``, which hands us the viser server for scene objects.
+
+The same object exists in ``ns-eval`` / ``ns-export`` and in unit tests, where no viewer
+ever attaches: every method then leaves the scene alone (``_server()`` is None).
+
+Threading: the viewer runs element callbacks on viser's worker threads *inside* the
+training lock (the same lock the trainer holds for a whole iteration and the render thread
+holds while rendering), so a callback may change σ or read the grid without racing either.
+``on_schedule_step`` runs on the training thread inside that lock too.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
+
+import numpy as np
+from torch import nn
+
+from nerfstudio.utils.rich_utils import CONSOLE
+from nerfstudio.viewer.viewer_elements import (
+    ViewerButton,
+    ViewerCheckbox,
+    ViewerControl,
+    ViewerDropdown,
+    ViewerSlider,
+    ViewerText,
+)
+
+from certsdf_ns.sdf_views import AXES, extract_mesh, sdf_slice, sdf_slice_image
+
+if TYPE_CHECKING:
+    from certsdf_ns.certsdf_model import CertSDFModel
+
+SLICE_NODE = "/certsdf/sdf_slice"
+MESH_NODE = "/certsdf/mesh"
+
+
+@dataclass
+class ViewerControlsConfig:
+    """Settings of certsdf's viewer panel (not exposed on the command line)."""
+
+    slice_every: int = 50
+    """While training, redraw a visible SDF slice every this many steps."""
+    slice_pixels: int = 256
+    """Pixels along the longer side of the slice image."""
+    sigma_range_voxels: Tuple[float, float] = (0.25, 6.0)
+    """Range of the σ slider (voxels); widened to include the configured schedule."""
+    sharpness_range_voxels: Tuple[float, float] = (0.05, 3.0)
+    """Range of the sharpness slider (voxels); widened to include the configured schedule."""
+    mesh_colour: Tuple[int, int, int] = (230, 200, 120)
+    """RGB colour of the extracted mesh."""
+
+
+def _viser_scale() -> float:
+    """nerfstudio draws the world ×10 in viser (cameras, crop box, clicks all use this)."""
+    from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO
+
+    return float(VISER_NERFSTUDIO_SCALE_RATIO)
+
+
+class _AttachHook(ViewerControl):
+    """nerfstudio's ViewerControl, plus a callback once the viewer has set it up."""
+
+    def __init__(self, on_attach: Callable[[], None]) -> None:
+        self._on_attach = on_attach
+
+    def _setup(self, viewer: Any) -> None:
+        super()._setup(viewer)
+        self._on_attach()
+
+
+class CertSDFViewerControls(nn.Module):
+    """GUI elements (attribute names are prefixed ``cN_`` because the viewer installs them in
+    alphabetical order of attribute name) and the logic behind them."""
+
+    def __init__(self, model: "CertSDFModel", config: Optional[ViewerControlsConfig] = None) -> None:
+        super().__init__()
+        # A weak reference: a strong one would make the model a submodule of its own child.
+        self._model = weakref.ref(model)
+        self._cfg = config or ViewerControlsConfig()
+        self._step = 0
+        self._sigma_override: Optional[float] = None  # voxels; None = follow the schedule
+        self._sharpness_override: Optional[float] = None
+        self._shown: Dict[str, float] = {}  # last value written to each slider by code
+        self._slice_handle: Any = None
+        self._mesh_handle: Any = None
+
+        mcfg = model.config
+        sig_lo, sig_hi = self._cfg.sigma_range_voxels
+        sig_lo = min(sig_lo, mcfg.sigma_voxels, mcfg.sigma_start_voxels)
+        sig_hi = max(sig_hi, mcfg.sigma_voxels, mcfg.sigma_start_voxels)
+        s_lo, s_hi = self._cfg.sharpness_range_voxels
+        s_lo = min(s_lo, mcfg.sharpness_voxels, mcfg.sharpness_start_voxels)
+        s_hi = max(s_hi, mcfg.sharpness_voxels, mcfg.sharpness_start_voxels)
+
+        self.viewer_control = _AttachHook(self._on_attach)
+        self.c0_sigma = ViewerSlider(
+            "Smoothing σ (voxels)", float(mcfg.sigma_start_voxels), sig_lo, sig_hi, 0.05,
+            cb_hook=self._on_sigma,
+            hint="Randomized-smoothing σ. Moving it re-smooths the grid at once and overrides the schedule "
+            "(training continues with this σ) until 'Reset σ, s to schedule'.",
+        )  # fmt: skip
+        self.c1_sharpness = ViewerSlider(
+            "Sharpness s (voxels)", float(mcfg.sharpness_start_voxels), s_lo, s_hi, 0.05,
+            cb_hook=self._on_sharpness,
+            hint="s in density = −30·ln(1+ε−sigmoid(−sdf/s)). Overrides the schedule like σ.",
+        )  # fmt: skip
+        self.c2_reset = ViewerButton("Reset σ, s to schedule", cb_hook=self._on_reset)
+        self.c3_slice_show = ViewerCheckbox(
+            "Show SDF slice", False, cb_hook=self._on_slice_change,
+            hint="Axis-aligned plane coloured by the certified SDF (red inside, blue outside, black: zero level, "
+            "grey lines every σ). Redrawn while training.",
+        )  # fmt: skip
+        self.c4_slice_axis = ViewerDropdown("Slice axis", "z", list(AXES), cb_hook=self._on_slice_change)
+        self.c5_slice_offset = ViewerSlider(
+            "Slice offset", 0.0, -1.0, 1.0, 0.01, cb_hook=self._on_slice_change,
+            hint="Position of the slice across the scene box: −1 = min face, 0 = centre, 1 = max face.",
+        )  # fmt: skip
+        self.c6_mesh_extract = ViewerButton("Extract mesh", cb_hook=self._on_extract_mesh)
+        self.c7_mesh_show = ViewerCheckbox("Show mesh", True, cb_hook=self._on_mesh_visibility)
+        self.c8_status = ViewerText("certsdf", "σ, s follow the schedule", disabled=True)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _owner(self) -> "CertSDFModel":
+        # Not a public attribute or property: the viewer's parse_object follows every public
+        # nn.Module attribute, and reaching the model again from here would recurse forever.
+        model = self._model()
+        assert model is not None, "the model owning these viewer controls is gone"
+        return model
+
+    def _server(self) -> Any:
+        """The viser server once a viewer has attached, else None (ns-eval, ns-export, tests)."""
+        return getattr(self.viewer_control, "viser_server", None)
+
+    def _set_status(self, text: str) -> None:
+        self.c8_status.value = text
+
+    def _show(self, key: str, element: ViewerSlider, value: float) -> None:
+        """Write a value to a slider from code (so its callback can tell it from a user move)."""
+        value = float(min(max(value, element.min), element.max))
+        if key in self._shown and abs(self._shown[key] - value) < 0.5 * element.step:
+            return  # unchanged at slider precision: no message, no re-render
+        self._shown[key] = value
+        element.value = value
+
+    def _is_echo(self, key: str, element: ViewerSlider) -> bool:
+        # viser runs on_update callbacks for values set from Python too (asynchronously).
+        return key in self._shown and abs(float(element.value) - self._shown[key]) < 1e-9
+
+    # -- σ and s ------------------------------------------------------------------------------
+    def on_schedule_step(self, step: int, sigma_voxels: float, sharpness_voxels: float) -> Tuple[float, float]:
+        """Called by the model each time σ and s are set from the step (every training
+        iteration, and once when a checkpoint is loaded). Returns the values to use:
+        the schedule's, or the user's while a slider overrides it."""
+        self._step = int(step)
+        if self._sigma_override is None:
+            self._show("sigma", self.c0_sigma, sigma_voxels)
+        if self._sharpness_override is None:
+            self._show("sharpness", self.c1_sharpness, sharpness_voxels)
+        sigma = sigma_voxels if self._sigma_override is None else self._sigma_override
+        sharpness = sharpness_voxels if self._sharpness_override is None else self._sharpness_override
+        if self._cfg.slice_every > 0 and step % self._cfg.slice_every == 0 and self._owner().training:
+            self._set_values(sigma, sharpness)  # so the slice shows this step's σ
+            self.refresh_slice()
+        return sigma, sharpness
+
+    def _set_values(self, sigma_voxels: float, sharpness_voxels: float) -> None:
+        model = self._owner()
+        model.field.geometry.sigma = sigma_voxels * model.voxel
+        model.field.sharpness = sharpness_voxels * model.voxel
+
+    def _describe(self) -> str:
+        model = self._owner()
+        sigma = model.field.geometry.sigma / model.voxel
+        sharp = model.field.sharpness / model.voxel
+        mode = "schedule" if self._sigma_override is None and self._sharpness_override is None else "override"
+        return f"σ={sigma:.2f} vox, s={sharp:.2f} vox ({mode}), step {self._step}"
+
+    def _on_sigma(self, element: ViewerSlider) -> None:
+        if self._is_echo("sigma", element):
+            return
+        self._sigma_override = float(element.value)
+        self._shown["sigma"] = self._sigma_override
+        model = self._owner()
+        model.field.geometry.sigma = self._sigma_override * model.voxel
+        CONSOLE.print(f"[certsdf] viewer: σ set to {self._sigma_override:.2f} voxels (schedule overridden)")
+        self._set_status(self._describe())
+        self.refresh_slice()
+
+    def _on_sharpness(self, element: ViewerSlider) -> None:
+        if self._is_echo("sharpness", element):
+            return
+        self._sharpness_override = float(element.value)
+        self._shown["sharpness"] = self._sharpness_override
+        model = self._owner()
+        model.field.sharpness = self._sharpness_override * model.voxel
+        CONSOLE.print(f"[certsdf] viewer: sharpness set to {self._sharpness_override:.2f} voxels (schedule overridden)")
+        self._set_status(self._describe())
+
+    def _on_reset(self, _: ViewerButton) -> None:
+        self._sigma_override = self._sharpness_override = None
+        self._owner().set_schedule_step(self._step)  # applies the schedule and moves the sliders back
+        CONSOLE.print(f"[certsdf] viewer: σ and s follow the schedule again (step {self._step})")
+        self._set_status(self._describe())
+        self.refresh_slice()
+
+    # -- SDF slice ----------------------------------------------------------------------------
+    def _on_slice_change(self, _: Any) -> None:
+        self.refresh_slice(log=True)
+
+    def refresh_slice(self, log: bool = False) -> None:
+        """Draw (or hide) the slice plane according to the checkbox, axis and offset."""
+        server = self._server()
+        if server is None:
+            return
+        if not self.c3_slice_show.value:
+            if self._slice_handle is not None:
+                self._slice_handle.visible = False
+            return
+        import viser.transforms as vtf
+
+        geometry = self._owner().field.geometry
+        axis = AXES.index(self.c4_slice_axis.value)
+        values, plane = sdf_slice(geometry, axis, float(self.c5_slice_offset.value), self._cfg.slice_pixels)
+        image = sdf_slice_image(values, geometry.max_distance, iso_step=geometry.sigma)
+        scale = _viser_scale()
+        self._slice_handle = server.scene.add_image(
+            SLICE_NODE,
+            image,
+            render_width=plane.width * scale,
+            render_height=plane.height * scale,
+            format="png",  # lossless: keeps the one-pixel zero contour sharp
+            wxyz=vtf.SO3.from_matrix(plane.rotation).wxyz,
+            position=plane.centre * scale,
+        )
+        if log:
+            inside = float((values < 0).float().mean())
+            CONSOLE.print(
+                f"[certsdf] viewer: SDF slice {self.c4_slice_axis.value}={self.c5_slice_offset.value:+.2f} drawn "
+                f"({image.shape[1]}x{image.shape[0]} px, sdf in [{float(values.min()):.3f}, {float(values.max()):.3f}], "
+                f"{100 * inside:.1f}% inside)"
+            )
+
+    # -- mesh ---------------------------------------------------------------------------------
+    def _on_extract_mesh(self, _: ViewerButton) -> None:
+        server = self._server()
+        if server is None:
+            return
+        geometry = self._owner().field.geometry
+        vertices, faces = extract_mesh(geometry.sdf_grid().detach(), geometry.aabb)
+        if len(faces) == 0:
+            if self._mesh_handle is not None:
+                self._mesh_handle.remove()
+                self._mesh_handle = None
+            self._set_status("mesh: no zero crossing yet")
+            CONSOLE.print("[certsdf] viewer: mesh extraction found no zero crossing")
+            return
+        self._mesh_handle = server.scene.add_mesh_simple(
+            MESH_NODE,
+            vertices=vertices * _viser_scale(),
+            faces=faces,
+            color=self._cfg.mesh_colour,
+            side="double",  # open where the surface leaves the box
+            visible=bool(self.c7_mesh_show.value),
+        )
+        sigma = geometry.sigma / self._owner().voxel
+        msg = f"mesh: {len(vertices)} vertices, {len(faces)} faces (σ={sigma:.2f} vox, step {self._step})"
+        self._set_status(msg)
+        CONSOLE.print(f"[certsdf] viewer: {msg}")
+
+    def _on_mesh_visibility(self, element: ViewerCheckbox) -> None:
+        if self._mesh_handle is not None:
+            self._mesh_handle.visible = bool(element.value)
+
+    # -- viewer attachment --------------------------------------------------------------------
+    def _on_attach(self) -> None:
+        self._set_status(self._describe())
+        CONSOLE.print("[certsdf] viewer: controls attached (Custom Elements / model / viewer_controls)")
+        # ns-viewer's own default host is 0.0.0.0 whatever the saved config says: say so.
+        host = self.viewer_control.viewer.config.websocket_host
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            CONSOLE.print(
+                f"[certsdf] warning: the viewer listens on {host}; anyone on the network can "
+                "control training. Pass --viewer.websocket-host 127.0.0.1 to keep it local."
+            )
+
