@@ -60,6 +60,11 @@ class ViewerControlsConfig:
     """RGB colour of the extracted mesh."""
 
 
+def _log(message: str) -> None:
+    # markup=False: rich would otherwise read "[certsdf]" as a style tag and drop it.
+    CONSOLE.print(f"[certsdf] {message}", markup=False, highlight=False)
+
+
 def _viser_scale() -> float:
     """nerfstudio draws the world ×10 in viser (cameras, crop box, clicks all use this)."""
     from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO
@@ -192,7 +197,7 @@ class CertSDFViewerControls(nn.Module):
         self._shown["sigma"] = self._sigma_override
         model = self._owner()
         model.field.geometry.sigma = self._sigma_override * model.voxel
-        CONSOLE.print(f"[certsdf] viewer: σ set to {self._sigma_override:.2f} voxels (schedule overridden)")
+        _log(f"viewer: σ set to {self._sigma_override:.2f} voxels (schedule overridden)")
         self._set_status(self._describe())
         self.refresh_slice()
 
@@ -203,13 +208,13 @@ class CertSDFViewerControls(nn.Module):
         self._shown["sharpness"] = self._sharpness_override
         model = self._owner()
         model.field.sharpness = self._sharpness_override * model.voxel
-        CONSOLE.print(f"[certsdf] viewer: sharpness set to {self._sharpness_override:.2f} voxels (schedule overridden)")
+        _log(f"viewer: sharpness set to {self._sharpness_override:.2f} voxels (schedule overridden)")
         self._set_status(self._describe())
 
     def _on_reset(self, _: ViewerButton) -> None:
         self._sigma_override = self._sharpness_override = None
         self._owner().set_schedule_step(self._step)  # applies the schedule and moves the sliders back
-        CONSOLE.print(f"[certsdf] viewer: σ and s follow the schedule again (step {self._step})")
+        _log(f"viewer: σ and s follow the schedule again (step {self._step})")
         self._set_status(self._describe())
         self.refresh_slice()
 
@@ -244,8 +249,8 @@ class CertSDFViewerControls(nn.Module):
         )
         if log:
             inside = float((values < 0).float().mean())
-            CONSOLE.print(
-                f"[certsdf] viewer: SDF slice {self.c4_slice_axis.value}={self.c5_slice_offset.value:+.2f} drawn "
+            _log(
+                f"viewer: SDF slice {self.c4_slice_axis.value}={self.c5_slice_offset.value:+.2f} drawn "
                 f"({image.shape[1]}x{image.shape[0]} px, sdf in [{float(values.min()):.3f}, {float(values.max()):.3f}], "
                 f"{100 * inside:.1f}% inside)"
             )
@@ -262,7 +267,7 @@ class CertSDFViewerControls(nn.Module):
                 self._mesh_handle.remove()
                 self._mesh_handle = None
             self._set_status("mesh: no zero crossing yet")
-            CONSOLE.print("[certsdf] viewer: mesh extraction found no zero crossing")
+            _log("viewer: mesh extraction found no zero crossing")
             return
         self._mesh_handle = server.scene.add_mesh_simple(
             MESH_NODE,
@@ -275,7 +280,7 @@ class CertSDFViewerControls(nn.Module):
         sigma = geometry.sigma / self._owner().voxel
         msg = f"mesh: {len(vertices)} vertices, {len(faces)} faces (σ={sigma:.2f} vox, step {self._step})"
         self._set_status(msg)
-        CONSOLE.print(f"[certsdf] viewer: {msg}")
+        _log(f"viewer: {msg}")
 
     def _on_mesh_visibility(self, element: ViewerCheckbox) -> None:
         if self._mesh_handle is not None:
@@ -284,12 +289,12 @@ class CertSDFViewerControls(nn.Module):
     # -- viewer attachment --------------------------------------------------------------------
     def _on_attach(self) -> None:
         self._set_status(self._describe())
-        CONSOLE.print("[certsdf] viewer: controls attached (Custom Elements / model / viewer_controls)")
+        _log("viewer: controls attached (Custom Elements / model / viewer_controls)")
         # ns-viewer's own default host is 0.0.0.0 whatever the saved config says: say so.
         host = self.viewer_control.viewer.config.websocket_host
         if host not in ("127.0.0.1", "localhost", "::1"):
-            CONSOLE.print(
-                f"[certsdf] warning: the viewer listens on {host}; anyone on the network can "
+            _log(
+                f"warning: the viewer listens on {host}; anyone on the network can "
                 "control training. Pass --viewer.websocket-host 127.0.0.1 to keep it local."
             )
 

@@ -1,0 +1,180 @@
+"""certsdf's viewer panel, driven in-process against a real viser server (no browser).
+
+The elements are discovered and installed exactly as nerfstudio's Viewer does
+(``parse_object`` on the model, ``element.install(server)``, ``ViewerControl._setup``);
+user input is emulated the way viser delivers it (set the handle's value, run the hook).
+The browser test (test_viewer_browser.py) covers the real client end to end.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import viser
+
+from nerfstudio.data.scene_box import SceneBox
+from nerfstudio.viewer.utils import parse_object
+from nerfstudio.viewer.viewer_elements import ViewerControl, ViewerElement
+
+from certsdf_ns.certsdf_model import CertSDFModelConfig, annealed
+from certsdf_ns.sdf_views import extract_mesh
+
+CENTRE = torch.tensor([0.1, 0.0, -0.1])
+
+
+def make_model():
+    cfg = CertSDFModelConfig(
+        grid_resolution=32, hash_log2_size=10, hash_max_res=64, hash_levels=4,
+        sigma_start_voxels=3.0, sigma_voxels=1.0, sharpness_start_voxels=1.0, sharpness_voxels=0.5, anneal_steps=100,
+    )  # fmt: skip
+    model = cfg.setup(scene_box=SceneBox(torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])), num_train_data=4)
+    geometry = model.field.geometry
+    geometry.set_occupancy(((geometry.grid_points() - CENTRE).norm(dim=-1) <= 0.5).float())
+    return model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Recorder:
+    """Wraps a viser scene method: records each call's arguments, then calls through."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.fn(*args, **kwargs)
+
+
+@pytest.fixture()
+def attached():
+    model = make_model()
+    server = viser.ViserServer(host="127.0.0.1", port=free_port(), verbose=False)
+    server.scene.add_image = Recorder(server.scene.add_image)  # type: ignore[method-assign]
+    server.scene.add_mesh_simple = Recorder(server.scene.add_mesh_simple)  # type: ignore[method-assign]
+    elements = parse_object(model, ViewerElement, "Custom Elements")
+    for _, element in elements:
+        element.install(server)
+    for _, control in parse_object(model, ViewerControl, "Custom Elements"):
+        control._setup(SimpleNamespace(viser_server=server, config=SimpleNamespace(websocket_host="127.0.0.1")))
+    try:
+        yield model, model.viewer_controls, server
+    finally:
+        server.stop()
+
+
+def user_sets(element, value) -> None:
+    """What viser does when the browser changes a value: update the handle, run the hook."""
+    element.gui_handle._impl.value = value
+    element.cb_hook(element)
+
+
+def settle() -> None:
+    time.sleep(0.3)  # viser runs callbacks of values set from Python on a worker thread
+
+
+def test_controls_are_discoverable_in_order_and_inert_without_a_viewer():
+    model = make_model()
+    elements = parse_object(model, ViewerElement, "Custom Elements")
+    labels = [e.name for _, e in elements]
+    assert labels == [
+        "Smoothing σ (voxels)", "Sharpness s (voxels)", "Reset σ, s to schedule", "Show SDF slice", "Slice axis",
+        "Slice offset", "Extract mesh", "Show mesh", "certsdf",
+    ]  # fmt: skip
+    # (the Viewer parses the pipeline, so its folders read "Custom Elements / model / viewer_controls")
+    assert {p.rsplit("/", 1)[0] for p, _ in elements} == {"Custom Elements/viewer_controls"}
+    assert len(parse_object(model, ViewerControl, "Custom Elements")) == 1
+    # No viewer (ns-eval, ns-export): hooks and training steps run and touch nothing.
+    controls = model.viewer_controls
+    controls.c3_slice_show.value = True
+    for element in (controls.c3_slice_show, controls.c6_mesh_extract, controls.c2_reset):
+        element.cb_hook(element)
+    model.train()
+    model.set_schedule_step(50)
+    assert model.field.geometry.sigma == pytest.approx(annealed(3.0, 1.0, 50, 100) * model.voxel)
+    assert controls.c0_sigma.value == pytest.approx(annealed(3.0, 1.0, 50, 100))  # default follows the schedule
+    # the controls add nothing to checkpoints
+    assert not any(k.startswith("viewer_controls") for k in model.state_dict())
+
+
+def test_sigma_slider_overrides_the_schedule_until_reset(attached):
+    model, controls, _ = attached
+    model.train()
+    model.set_schedule_step(10)
+    settle()  # the schedule moved the slider: that echo must not count as a user override
+    assert controls._sigma_override is None
+    assert controls.c0_sigma.value == pytest.approx(annealed(3.0, 1.0, 10, 100), abs=0.03)
+
+    before = model.field.geometry.sdf_grid().clone()
+    user_sets(controls.c0_sigma, 4.0)
+    assert model.field.geometry.sigma == pytest.approx(4.0 * model.voxel)
+    after = model.field.geometry.sdf_grid()
+    assert not torch.allclose(before, after)  # re-smoothed at once
+    assert float(after.max()) == pytest.approx(model.field.geometry.max_distance, rel=1e-4)
+
+    user_sets(controls.c1_sharpness, 2.0)
+    for step in (11, 50, 99):  # training goes on with the user's σ and s
+        model.set_schedule_step(step)
+        assert model.field.geometry.sigma == pytest.approx(4.0 * model.voxel)
+        assert model.field.sharpness == pytest.approx(2.0 * model.voxel)
+    assert "override" in controls.c8_status.value
+
+    controls.c2_reset.cb_hook(controls.c2_reset)
+    settle()
+    assert model.field.geometry.sigma == pytest.approx(annealed(3.0, 1.0, 99, 100) * model.voxel)
+    assert model.field.sharpness == pytest.approx(annealed(1.0, 0.5, 99, 100) * model.voxel)
+    assert controls.c0_sigma.value == pytest.approx(annealed(3.0, 1.0, 99, 100), abs=0.03)
+    assert controls._sigma_override is None and controls._sharpness_override is None
+    model.set_schedule_step(100)
+    assert model.field.geometry.sigma == pytest.approx(1.0 * model.voxel)
+
+
+def test_slice_plane_is_drawn_in_viser_units_and_follows_training(attached):
+    model, controls, server = attached
+    add_image = server.scene.add_image
+    user_sets(controls.c4_slice_axis, "x")
+    user_sets(controls.c5_slice_offset, 0.5)
+    assert add_image.calls == []  # nothing drawn while the checkbox is off
+    user_sets(controls.c3_slice_show, True)
+    (name, image), kw = add_image.calls[-1]
+    assert name == "/certsdf/sdf_slice" and image.dtype == np.uint8 and image.shape == (256, 256, 3)
+    assert kw["render_width"] == pytest.approx(20.0) and kw["render_height"] == pytest.approx(20.0)  # 2 world units ×10
+    assert np.allclose(kw["position"], [5.0, 0.0, 0.0])  # x = 0.5 world units
+    rotation = viser.transforms.SO3(np.asarray(kw["wxyz"])).as_matrix()
+    assert np.allclose(rotation[:, 2], [1.0, 0.0, 0.0], atol=1e-6)  # plane normal along x
+    assert (image.sum(-1) == 0).any()  # the plane cuts the ball: zero contour drawn
+
+    model.train()
+    n = len(add_image.calls)
+    model.set_schedule_step(51)
+    assert len(add_image.calls) == n  # not a redraw step
+    model.set_schedule_step(100)
+    assert len(add_image.calls) == n + 1  # redrawn while training
+
+    user_sets(controls.c3_slice_show, False)
+    assert controls._slice_handle.visible is False
+
+
+def test_extract_mesh_adds_the_zero_level_set_to_the_scene(attached):
+    model, controls, server = attached
+    model.set_schedule_step(100)  # σ = 1 voxel: the smoothed level stays within a voxel of the ball
+    controls.c6_mesh_extract.cb_hook(controls.c6_mesh_extract)
+    (name,), kw = server.scene.add_mesh_simple.calls[-1]
+    expected_vertices, expected_faces = extract_mesh(model.field.geometry.sdf_grid(), model.field.geometry.aabb)
+    assert name == "/certsdf/mesh"
+    assert np.allclose(kw["vertices"], expected_vertices * 10.0)  # viser units = world ×10
+    assert np.array_equal(kw["faces"], expected_faces) and len(expected_faces) > 100
+    radii = np.linalg.norm(kw["vertices"] / 10.0 - CENTRE.numpy(), axis=1)
+    assert np.abs(radii - 0.5).max() < 2.0 / 31  # within a voxel of the ball
+    assert f"{len(expected_vertices)} vertices" in controls.c8_status.value and "σ=1.00 vox" in controls.c8_status.value
+    user_sets(controls.c7_mesh_show, False)
+    assert controls._mesh_handle.visible is False
