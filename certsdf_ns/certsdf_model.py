@@ -232,6 +232,13 @@ class CertSDFModel(Model):
         rgb_samples = positions.new_zeros(*positions.shape[:-1], 3)
         if active.any():
             rgb_samples[active] = field_.colour_at(positions[active], samples.frustums.directions[active])
+            if not self.training:
+                # Uncoloured samples render black. Harmless on camera rays (a few samples carry the
+                # weight), but short densely sampled rays, e.g. ns-export's texture rays (two mesh
+                # edges long), spread it over many: give them the coloured samples' mean colour.
+                coloured = weights * active[..., None]
+                mean = (coloured * rgb_samples).sum(-2, keepdim=True) / coloured.sum(-2, keepdim=True).clamp_min(1e-10)
+                rgb_samples = torch.where(active[..., None], rgb_samples, mean)
         accumulation = self.renderer_accumulation(weights=weights)
         rgb = self.renderer_rgb(rgb=rgb_samples, weights=weights)
         if not self.training:
@@ -286,6 +293,22 @@ class CertSDFModel(Model):
                 tv = sum((occ.diff(dim=d) ** 2).mean() for d in range(3))
                 loss["tv_loss"] = cfg.tv_loss_mult * tv
         return loss
+
+    def get_rgba_image(self, outputs: Dict[str, Tensor], output_name: str = "rgb") -> Tensor:
+        """Colour *not* composited on any background, with alpha = accumulation.
+
+        nerfstudio's exporters (texturing, point clouds) and ns-render read colours through this.
+        The base class divides `rgb` by the accumulation, assuming it was composited on black; but
+        outside training certsdf composites the evaluation background (white by default), which
+        turned every partly transparent pixel white (e.g. all of ns-export's mesh textures, whose
+        rays are only two mesh edges long). Undo that composite first.
+        """
+        rgb = outputs[output_name]
+        accumulation = outputs[output_name.replace("rgb", "accumulation")]
+        if not self.training:
+            rgb = rgb - self.eval_background.to(rgb) * (1.0 - accumulation)
+        colour = (rgb / accumulation.clamp_min(1e-6)).clamp(0.0, 1.0)
+        return torch.cat([colour, accumulation], dim=-1)
 
     def _lpips_module(self) -> Optional[torch.nn.Module]:
         """LPIPS only when its AlexNet weights are already cached: offline they cannot be fetched."""
