@@ -26,6 +26,7 @@ whereas interpolating samples of a 1-Lipschitz function stays within ~2% of 1.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence, Tuple, Union
 
 import torch
@@ -168,6 +169,25 @@ class CertifiedSDFGrid(nn.Module):
         vox = self.voxel_size.tolist()
         self._kernels = tuple(voxel_gaussian_matrix(n, value / h) for n, h in zip(self.resolution, vox))
         self._cache = None
+        self._warn_if_extreme(value, min(vox), float((self.aabb[1] - self.aabb[0]).max()))
+
+    def _warn_if_extreme(self, sigma: float, voxel: float, extent: float) -> None:
+        """Numerically fine (the output stays finite) but geometrically useless σ: warn once per grid."""
+        warned = self.__dict__.setdefault("_sigma_warned", set())
+        if sigma < 0.25 * voxel and "small" not in warned:
+            warned.add("small")
+            warnings.warn(
+                f"sigma={sigma:.3g} is below a quarter voxel ({voxel:.3g}): smoothing hardly reaches the next "
+                "cell, so the certified SDF jumps between its clamps within one voxel (tiny gradients).",
+                stacklevel=3,
+            )
+        elif sigma > extent and "large" not in warned:
+            warned.add("large")
+            warnings.warn(
+                f"sigma={sigma:.3g} exceeds the scene box ({extent:.3g}): p̂ is nearly flat, the bound |sdf| <= "
+                "distance is loose everywhere and the surface p̂ = 1/2 may vanish.",
+                stacklevel=3,
+            )
 
     @property
     def max_distance(self) -> float:
@@ -199,7 +219,10 @@ class CertifiedSDFGrid(nn.Module):
     def smoothed_occupancy_grid(self) -> Float[Tensor, "X Y Z"]:
         """p̂ at every node: exact randomized smoothing of the voxel classifier."""
         kernels = tuple(k.to(self.logits.device) for k in self._kernels)
-        return smooth_occupancy(self.occupancy(), kernels)  # type: ignore[arg-type]
+        # Autocast off: under fp16/bf16 autocast these matmuls would run in half precision, p̂
+        # would keep ~3 digits, and Φ⁻¹ near the clamp turns that into SDF errors of order σ.
+        with torch.autocast(device_type=self.logits.device.type, enabled=False):
+            return smooth_occupancy(self.occupancy().float(), kernels)  # type: ignore[arg-type]
 
     def sdf_grid(self) -> Float[Tensor, "X Y Z"]:
         """Certified SDF at every node, differentiable w.r.t. the logits.

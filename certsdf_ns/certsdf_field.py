@@ -19,9 +19,11 @@ from nerfstudio.field_components.encodings import HashEncoding, SHEncoding
 from nerfstudio.field_components.field_heads import FieldHeadNames
 from nerfstudio.field_components.mlp import MLP
 from nerfstudio.fields.base_field import Field
+from nerfstudio.utils.external import TCNN_EXISTS
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from certsdf_ns.certified import CertifiedSDFGrid, occupancy_to_density, sample_grid
+from certsdf_ns.validation import CertSDFInputError, exit_cleanly
 
 Backend = Literal["tcnn", "torch"]
 _BACKEND_LOGGED = False
@@ -99,7 +101,9 @@ class CertSDFField(Field):
         self.sharpness = float(sharpness)
         self.density_scale = float(density_scale)
         self.density_eps = float(density_eps)
-        self.backend = backend
+        # nerfstudio silently builds torch modules when "tcnn" is asked for without tinycudann:
+        # record what is really built, since that decides the parameter layout.
+        self.backend: Backend = "tcnn" if backend == "tcnn" and TCNN_EXISTS else "torch"
         self.colour_encoding_kind = colour_encoding
         if colour_encoding == "hash":
             self.position_encoding: nn.Module = HashEncoding(
@@ -122,6 +126,23 @@ class CertSDFField(Field):
             out_activation=nn.Sigmoid(),
             implementation=backend,
         )
+
+    # -- checkpoint guard ----------------------------------------------------------
+    def get_extra_state(self) -> Dict[str, str]:
+        """Saved as `field._extra_state`: the backend that laid out the colour parameters."""
+        return {"backend": self.backend}
+
+    def set_extra_state(self, state: Dict[str, str]) -> None:
+        """Refuse a checkpoint of the other backend: its colour parameters have other names and
+        shapes, and nerfstudio's pipeline would retry with strict=False and keep random weights."""
+        saved = state.get("backend") if isinstance(state, dict) else None
+        if saved is not None and saved != self.backend:
+            with exit_cleanly():
+                raise CertSDFInputError(
+                    f"this checkpoint was trained with the '{saved}' colour backend but this model is built with "
+                    f"'{self.backend}'; the colour weights cannot be converted. Load it where {saved} is available "
+                    f"(tcnn needs tinycudann and CUDA), or retrain with --pipeline.model.backend {self.backend}."
+                )
 
     # -- geometry ------------------------------------------------------------------
     def density_from_sdf(self, sdf: Tensor) -> Tensor:

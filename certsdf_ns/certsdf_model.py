@@ -32,6 +32,7 @@ from certsdf_ns import ns_export_compat
 from certsdf_ns.certified import sample_grid
 from certsdf_ns.certsdf_field import CertSDFField, pick_backend
 from certsdf_ns.sdf_views import ray_sdf_outputs
+from certsdf_ns.validation import BACKGROUND_KEY
 from certsdf_ns.viewer_controls import CertSDFViewerControls
 
 
@@ -159,6 +160,7 @@ class CertSDFModel(Model):
             hidden_dim_colour=cfg.hidden_dim_colour,
             backend=backend,
         )
+        cfg.backend = self.field.backend  # what was built: "tcnn" without tinycudann silently becomes torch
         self.box_collider = AABBBoxCollider(self.scene_box)
         self.uniform_sampler = UniformSampler(num_samples=cfg.num_coarse_samples)
         self.pdf_sampler = PDFSampler(num_samples=cfg.num_fine_samples, include_original=cfg.include_coarse_samples)
@@ -167,6 +169,12 @@ class CertSDFModel(Model):
         self.renderer_depth = DepthRenderer(method="expected")
         self.renderer_normals = NormalsRenderer()
         self.eval_background = get_color(cfg.eval_background_color)
+        fixed_background = self.kwargs.get("metadata", {}).get(BACKGROUND_KEY)
+        if fixed_background is not None:
+            # Images without alpha: random backgrounds would make the model paint the images'
+            # background into geometry; train and evaluate on that background instead.
+            self.renderer_rgb = RGBRenderer(background_color=fixed_background.float())
+            self.eval_background = fixed_background.float()
         # The viewer's certsdf panel (σ/s sliders, SDF slice, mesh); inert without a viewer.
         self.viewer_controls = CertSDFViewerControls(self)
 
@@ -241,7 +249,7 @@ class CertSDFModel(Model):
                 rgb_samples = torch.where(active[..., None], rgb_samples, mean)
         accumulation = self.renderer_accumulation(weights=weights)
         rgb = self.renderer_rgb(rgb=rgb_samples, weights=weights)
-        if not self.training:
+        if not self.training and self._random_background():
             # Outside training, composite the evaluation background (the "random" renderer returns black).
             rgb = rgb + self.eval_background.to(rgb) * (1.0 - accumulation)
         depth = self.renderer_depth(weights=weights, ray_samples=samples)
@@ -266,13 +274,19 @@ class CertSDFModel(Model):
         return outputs
 
     # -- losses and metrics -----------------------------------------------------------------
+    def _random_background(self) -> bool:
+        """Whether the renderer leaves the background out (as on black): only for "random";
+        a fixed colour is already composited by the renderer and must not be added twice."""
+        background = self.renderer_rgb.background_color
+        return isinstance(background, str) and background == "random"
+
     def _gt_on_eval_background(self, image: Tensor) -> Tensor:
         return self.renderer_rgb.blend_background(image, background_color=self.eval_background.to(image))
 
     def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
         gt = self._gt_on_eval_background(batch["image"].to(self.device))
         pred = outputs["rgb"]
-        if self.training and self.config.background_color == "random":
+        if self.training and self._random_background():
             pred = pred + self.eval_background.to(pred) * (1.0 - outputs["accumulation"])
         metrics = {"psnr": self.psnr(pred.detach(), gt), "sigma": torch.tensor(self.field.geometry.sigma)}
         return metrics

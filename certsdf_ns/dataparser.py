@@ -22,18 +22,29 @@ from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataPars
 from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from certsdf_ns.validation import (
+    BACKGROUND_KEY,
+    CertSDFInputError,
+    background_for_rgb_images,
+    exit_cleanly,
+    validate_split,
+)
+
 PRESET_DIR = Path(__file__).resolve().parents[1] / "data_configs"
 Format = Literal["blender", "nerfstudio"]
 
 
-class DataFormatError(ValueError):
+class DataFormatError(CertSDFInputError):
     """Input data that certsdf cannot use; the message names the file and what is wrong."""
 
 
 def detect_format(data: Path) -> Format:
     """Blender if `transforms_train.json` is there, nerfstudio if `transforms.json` is."""
     if not data.exists():
-        raise DataFormatError(f"data path {data} does not exist.")
+        raise DataFormatError(
+            f"data path {data} does not exist; --data must be a scene folder holding transforms_train.json "
+            "(Blender/NeRF-synthetic) or transforms.json (nerfstudio format)."
+        )
     if data.is_file():
         if data.suffix == ".json":
             return "nerfstudio"
@@ -119,7 +130,16 @@ class CertSDFDataParser(DataParser):
         return self._delegate
 
     def _generate_dataparser_outputs(self, split: str = "train", **kwargs: Any) -> DataparserOutputs:
-        outputs = self.delegate().get_dataparser_outputs(split, **kwargs)
+        # Every frame is checked before nerfstudio's parser sees it: bad data ends in one
+        # paragraph naming the file and frame, not a traceback from deep inside nerfstudio.
+        with exit_cleanly():
+            parser = self.delegate()
+            assert self.format is not None
+            report = validate_split(Path(self.config.data), self.format, split)
+        outputs = parser.get_dataparser_outputs(split, **kwargs)
+        if split == "train" and not report.has_alpha:
+            # The model reads this from the train dataset's metadata (see validation.background_for_rgb_images).
+            outputs.metadata[BACKGROUND_KEY] = background_for_rgb_images(report)
         if self._scene_box is not None:
             outputs.scene_box = self._scene_box
         return outputs

@@ -14,17 +14,17 @@ import torch
 
 from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
 from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
-from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from certsdf_ns.certsdf_model import CertSDFModelConfig
 from certsdf_ns.dataparser import CertSDFDataParserConfig
 from certsdf_ns.optim import FusedAdamOptimizerConfig, PlainFloatExponentialDecaySchedulerConfig
+from certsdf_ns.trainer import CertSDFTrainerConfig
 
 HAS_CUDA = torch.cuda.is_available()
 
-certsdf_trainer_config = TrainerConfig(
+certsdf_trainer_config = CertSDFTrainerConfig(
     method_name="certsdf",
     steps_per_eval_batch=100,
     steps_per_eval_image=500,

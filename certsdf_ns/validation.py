@@ -1,0 +1,265 @@
+"""Checks on a scene folder before training, and a clean exit for bad user input.
+
+nerfstudio's parsers assume well-formed data: a missing image or a typo in transforms.json
+surfaces as a KeyError or a PIL traceback several layers deep, sometimes after minutes of
+loading. Here every frame is checked up front and the first problem is reported as one
+paragraph naming the file and the frame.
+
+Errors are raised as :class:`CertSDFInputError`; :func:`exit_cleanly` turns them into a
+message on stderr and exit status 2 (no traceback) at the places where a CLI enters certsdf
+code. ``CERTSDF_DEBUG=1`` re-raises them with the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from PIL import Image, UnidentifiedImageError
+from rich.console import Console
+from rich.markup import escape
+from torch import Tensor
+
+from nerfstudio.utils.rich_utils import CONSOLE
+
+ERROR_CONSOLE = Console(stderr=True, highlight=False)
+
+# |RᵀR − I| allowed in a camera rotation. JSON files written with 6+ significant digits
+# (NeRF-synthetic, ns-process-data) are orthonormal to ~1e-6; 1e-3 still accepts poses
+# printed with 4 digits but rejects a 0.1% scale or any visible shear.
+ROTATION_TOLERANCE = 1e-3
+# A background is "uniform" when this fraction of border pixels lies within
+# BACKGROUND_SPREAD of the median border colour.
+BACKGROUND_UNIFORM_FRACTION = 0.9
+BACKGROUND_SPREAD = 0.1
+BACKGROUND_SAMPLE_IMAGES = 8
+NERFSTUDIO_INTRINSICS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
+BACKGROUND_KEY = "certsdf_background"
+"""Dataparser metadata key: fixed background colour [3] for images without alpha."""
+
+
+class CertSDFInputError(ValueError):
+    """Input that certsdf cannot use (data, config or checkpoint); the message says what to fix."""
+
+
+@contextmanager
+def exit_cleanly() -> Iterator[None]:
+    """Report a :class:`CertSDFInputError` as one paragraph on stderr and exit with status 2.
+
+    Used where nerfstudio's CLIs call into certsdf (dataparser, trainer, checkpoint loading),
+    because ns-train/ns-eval print a full traceback for any exception.
+    """
+    try:
+        yield
+    except CertSDFInputError as err:
+        if os.environ.get("CERTSDF_DEBUG", "0") not in ("", "0"):
+            raise
+        ERROR_CONSOLE.print(
+            f"[bold red]certsdf error:[/bold red] {escape(str(err))} (CERTSDF_DEBUG=1 shows the traceback.)",
+            soft_wrap=True,
+        )
+        raise SystemExit(2) from None
+
+
+@dataclass
+class SplitReport:
+    """What the checks learnt about one split."""
+
+    transforms: Path
+    """The transforms JSON that was checked."""
+    image_files: List[Path]
+    """Image of every frame, in file order."""
+    has_alpha: bool
+    """Whether the images carry an alpha channel (every frame alike)."""
+
+
+def load_transforms(path: Path) -> Dict[str, Any]:
+    """Parse a transforms JSON, naming the file and position of a syntax error."""
+    if not path.is_file():
+        raise CertSDFInputError(f"{path} does not exist.")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CertSDFInputError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}.") from err
+    except UnicodeDecodeError as err:
+        raise CertSDFInputError(f"{path} is not a UTF-8 text file ({err.reason}).") from err
+    if not isinstance(meta, dict):
+        raise CertSDFInputError(f"{path} must hold a JSON object with a 'frames' list, not a {type(meta).__name__}.")
+    frames = meta.get("frames")
+    if not isinstance(frames, list) or not frames:
+        raise CertSDFInputError(f"{path} has no 'frames' list (or it is empty): nothing to train on.")
+    return meta
+
+
+def check_pose(matrix: Any, where: str) -> Float[Tensor, "4 4"]:
+    """A camera-to-world matrix must be 4×4, finite, with an orthonormal right-handed rotation."""
+    try:
+        pose = np.asarray(matrix, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise CertSDFInputError(f"{where}: transform_matrix is not a numeric matrix ({err}).") from err
+    if pose.shape != (4, 4):
+        raise CertSDFInputError(f"{where}: transform_matrix must be 4x4, got shape {pose.shape}.")
+    if not np.isfinite(pose).all():
+        raise CertSDFInputError(f"{where}: transform_matrix contains NaN or infinite values.")
+    rot = pose[:3, :3]
+    error = float(np.abs(rot.T @ rot - np.eye(3)).max())
+    if error > ROTATION_TOLERANCE or np.linalg.det(rot) <= 0:
+        raise CertSDFInputError(
+            f"{where}: the rotation part of transform_matrix is not orthonormal (max |RᵀR − I| = {error:.2g}, "
+            f"det = {np.linalg.det(rot):.3g}; tolerance {ROTATION_TOLERANCE:g}, det must be +1). Scale or shear in a "
+            "camera pose distorts every ray; store the scale in the translation or the scene, not the rotation."
+        )
+    return torch.from_numpy(pose)
+
+
+def check_image(path: Path, where: str) -> Tuple[Tuple[int, int], bool]:
+    """(width, height) and whether an image has alpha; fails if it is missing or undecodable."""
+    if not path.is_file():
+        raise CertSDFInputError(f"{where}: image {path} does not exist.")
+    try:
+        with Image.open(path) as im:
+            size, bands, info = im.size, im.getbands(), dict(im.info)
+            im.verify()  # checks the whole file (e.g. PNG CRCs) without decoding the pixels
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise CertSDFInputError(f"{where}: image {path} cannot be read ({err}).") from err
+    return size, ("A" in bands or "transparency" in info)
+
+
+def _check_frames(transforms: Path, frames: List[Any], image_path, expected_size=None) -> SplitReport:
+    """Shared per-frame checks: pose, image presence/readability, one size and one alpha mode."""
+    files: List[Path] = []
+    first: Optional[Tuple[str, Tuple[int, int], bool]] = None
+    for i, frame in enumerate(frames):
+        where = f"{transforms}, frame {i}"
+        if not isinstance(frame, dict) or not isinstance(frame.get("file_path"), str):
+            raise CertSDFInputError(f"{where}: each frame needs a 'file_path' string.")
+        where = f"{where} (file_path '{frame['file_path']}')"
+        if "transform_matrix" not in frame:
+            raise CertSDFInputError(f"{where}: 'transform_matrix' is missing.")
+        check_pose(frame["transform_matrix"], where)
+        path = image_path(frame)
+        # A common slip: Blender-format file_path values omit the extension.
+        hint = " Blender-format file_path values omit '.png' (it is appended)." if path.name.endswith(".png.png") else ""
+        try:
+            size, alpha = check_image(path, where)
+        except CertSDFInputError as err:
+            raise CertSDFInputError(f"{err}{hint}") from err
+        want = expected_size(frame) if expected_size is not None else None
+        if want is not None and tuple(want) != size:
+            raise CertSDFInputError(
+                f"{where}: image {path} is {size[0]}x{size[1]} but the transforms declare w={want[0]}, h={want[1]}."
+            )
+        if first is None:
+            first = (str(path), size, alpha)
+        elif expected_size is None and size != first[1]:
+            raise CertSDFInputError(
+                f"{where}: image {path} is {size[0]}x{size[1]} but {first[0]} is {first[1][0]}x{first[1][1]}; "
+                "all images of a split must have the same size (the cameras share one set of intrinsics)."
+            )
+        if alpha != first[2]:
+            raise CertSDFInputError(
+                f"{where}: image {path} {'has' if alpha else 'has no'} alpha channel but {first[0]} "
+                f"{'has' if first[2] else 'has none'}; use all RGBA or all RGB images."
+            )
+        files.append(path)
+    assert first is not None
+    return SplitReport(transforms=transforms, image_files=files, has_alpha=first[2])
+
+
+def blender_split_file(data: Path, split: str) -> Path:
+    """transforms_{split}.json, with certsdf's fallback from a missing val split to test."""
+    path = data / f"transforms_{split}.json"
+    if split == "val" and not path.exists():
+        return data / "transforms_test.json"
+    return path
+
+
+def validate_blender_split(data: Path, split: str) -> SplitReport:
+    """Check one split of a Blender/NeRF-synthetic scene (transforms_{split}.json + PNG images)."""
+    transforms = blender_split_file(data, split)
+    meta = load_transforms(transforms)
+    angle = meta.get("camera_angle_x")
+    if not isinstance(angle, (int, float)) or not (0.0 < float(angle) < math.pi):
+        raise CertSDFInputError(
+            f"{transforms}: 'camera_angle_x' (horizontal field of view in radians) is "
+            f"{'missing' if angle is None else f'invalid ({angle!r})'}; Blender-format scenes need it."
+        )
+    # nerfstudio's Blender parser: data / (file_path without "./") + ".png"
+    return _check_frames(transforms, meta["frames"], lambda f: data / (f["file_path"].replace("./", "") + ".png"))
+
+
+def validate_nerfstudio(data: Path) -> SplitReport:
+    """Check a nerfstudio-format transforms.json: intrinsics, poses and every image."""
+    transforms = data if data.suffix == ".json" else data / "transforms.json"
+    root = transforms.parent
+    meta = load_transforms(transforms)
+    for key in NERFSTUDIO_INTRINSICS:
+        if key in meta:
+            continue
+        for i, frame in enumerate(meta["frames"]):
+            if not isinstance(frame, dict) or key not in frame:
+                raise CertSDFInputError(
+                    f"{transforms}, frame {i}: camera intrinsic '{key}' is given neither at the top level nor in "
+                    f"the frame; nerfstudio-format scenes need {', '.join(NERFSTUDIO_INTRINSICS)}."
+                )
+
+    def declared(frame: Dict[str, Any]) -> Tuple[int, int]:
+        return int(frame.get("w", meta.get("w"))), int(frame.get("h", meta.get("h")))
+
+    return _check_frames(transforms, meta["frames"], lambda f: root / f["file_path"], expected_size=declared)
+
+
+def estimate_background(files: List[Path]) -> Tuple[Float[Tensor, "3"], float]:
+    """Median colour of the image borders of a few frames, and the fraction of border pixels near it."""
+    picks = [files[int(i)] for i in np.linspace(0, len(files) - 1, min(BACKGROUND_SAMPLE_IMAGES, len(files)))]
+    borders = []
+    for path in picks:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        borders += [rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]]
+    pixels = np.concatenate(borders, axis=0)
+    median = np.median(pixels, axis=0)
+    uniform = float((np.abs(pixels - median).max(axis=1) < BACKGROUND_SPREAD).mean())
+    return torch.tensor(median, dtype=torch.float32), uniform
+
+
+def background_for_rgb_images(report: SplitReport) -> Float[Tensor, "3"]:
+    """The fixed background to train and evaluate with when the images have no alpha.
+
+    With RGB targets, certsdf's default random-background training composites the random
+    colour on the *prediction* only (the target has no alpha to composite), so empty space is
+    penalised wherever the image background differs from the random colour: the model would
+    build the background into geometry at the walls of the scene box. With a constant
+    background equal to the images' own, empty space reproduces the background for free.
+    """
+    colour, uniform = estimate_background(report.image_files)
+    rgb = ", ".join(f"{c:.2f}" for c in colour.tolist())
+    CONSOLE.print(
+        f"[yellow]certsdf warning: the images of {report.transforms} have no alpha channel, so training cannot "
+        f"use random backgrounds. Training and evaluation composite the constant background ({rgb}) estimated "
+        f"from the image borders instead.[/yellow]",
+        soft_wrap=True,
+    )
+    if uniform < BACKGROUND_UNIFORM_FRACTION:
+        CONSOLE.print(
+            f"[yellow]certsdf warning: only {uniform:.0%} of the border pixels are close to that colour: the "
+            "background is not uniform and will partly be modelled as geometry. Provide RGBA images (alpha 0 "
+            "on the background) for a clean surface.[/yellow]",
+            soft_wrap=True,
+        )
+    return colour
+
+
+def validate_split(data: Path, fmt: str, split: str) -> SplitReport:
+    """Check the frames nerfstudio's parser will read for `split` of a scene in format `fmt`."""
+    if fmt == "blender":
+        return validate_blender_split(data, split)
+    return validate_nerfstudio(data)
