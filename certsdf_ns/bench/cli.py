@@ -1,0 +1,42 @@
+"""`certsdf-bench {speed,quality,sigma} [options]`: run a benchmark suite (tyro CLI, like ns-train).
+
+Examples (full budgets; see README "Benchmarks"):
+
+    certsdf-bench speed --budget-s 300
+    certsdf-bench quality --budget-s 600
+    certsdf-bench sigma --budget-s 300
+
+Every option is listed by `certsdf-bench <suite> --help`.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import tyro
+from typing_extensions import Annotated
+
+from certsdf_ns.bench.suites import QualityConfig, SigmaConfig, SpeedConfig, run_quality, run_sigma, run_speed
+
+Commands = Union[
+    Annotated[SpeedConfig, tyro.conf.subcommand(name="speed")],
+    Annotated[QualityConfig, tyro.conf.subcommand(name="quality")],
+    Annotated[SigmaConfig, tyro.conf.subcommand(name="sigma")],
+]
+
+
+def run(cfg) -> list:
+    if isinstance(cfg, SpeedConfig):
+        return run_speed(cfg)
+    if isinstance(cfg, QualityConfig):
+        return run_quality(cfg)
+    return run_sigma(cfg)
+
+
+def main() -> None:
+    tyro.extras.set_accent_color("bright_yellow")
+    run(tyro.cli(Commands, description=__doc__))
+
+
+if __name__ == "__main__":
+    main()
