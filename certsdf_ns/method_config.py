@@ -5,7 +5,9 @@ The defaults are chosen for the machines people have, which may have no GPU:
 - mixed precision (and its grad scaler) only on CUDA;
 - the live viewer plus tensorboard for eval logging (nerfstudio's default is wandb);
 - the viewer binds to 127.0.0.1: nerfstudio's 0.0.0.0 exposes an unauthenticated control
-  surface to the whole network (use `--viewer.websocket-host 0.0.0.0` to opt in).
+  surface to the whole network (use `--viewer.websocket-host 0.0.0.0` to opt in);
+- certsdf's trainer (`certsdf_ns/trainer.py`): config and memory checks before anything is
+  allocated, atomic checkpoints, and bitwise-exact resume on CPU.
 """
 
 from __future__ import annotations

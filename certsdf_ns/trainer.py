@@ -117,11 +117,14 @@ def atomic_torch_save(obj: Any, path: Path, step: int = -1) -> None:
         partial_dir.rmdir()  # only succeeds when empty: leaves no clutter next to the checkpoints
     except OSError:
         pass
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:  # make the rename itself durable
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    try:  # make the rename itself durable (POSIX; not possible on every filesystem/OS)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
 
 
 def newest_complete_checkpoint(folder: Path) -> Tuple[Path, Dict[str, Any]]:

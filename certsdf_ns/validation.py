@@ -113,7 +113,7 @@ def check_pose(matrix: Any, where: str) -> Float[Tensor, "4 4"]:
     error = float(np.abs(rot.T @ rot - np.eye(3)).max())
     if error > ROTATION_TOLERANCE or np.linalg.det(rot) <= 0:
         raise CertSDFInputError(
-            f"{where}: the rotation part of transform_matrix is not orthonormal (max |RᵀR − I| = {error:.2g}, "
+            f"{where}: the rotation part of transform_matrix is not a rotation (max |RᵀR − I| = {error:.2g}, "
             f"det = {np.linalg.det(rot):.3g}; tolerance {ROTATION_TOLERANCE:g}, det must be +1). Scale or shear in a "
             "camera pose distorts every ray; store the scale in the translation or the scene, not the rotation."
         )
