@@ -222,11 +222,15 @@ class CertSDFModel(Model):
     def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
         field_ = self.field
         sdf_grid = field_.geometry.sdf_grid()  # once per batch; differentiable while training
-        coarse = self.uniform_sampler(ray_bundle)
+        # The configured budget, or a smaller one for the viewer's preview while the camera moves.
+        n_coarse, n_fine, n_colour = self.viewer_controls.sample_budget(
+            self.config.num_coarse_samples, self.config.num_fine_samples, self.config.colour_samples_per_ray
+        )
+        coarse = self.uniform_sampler(ray_bundle, num_samples=n_coarse)
         with torch.no_grad():
             coarse_density = field_.density_at(coarse.frustums.get_positions(), sdf_grid.detach())
             coarse_weights = coarse.get_weights(coarse_density)
-        samples = self.pdf_sampler(ray_bundle, coarse, coarse_weights)
+        samples = self.pdf_sampler(ray_bundle, coarse, coarse_weights, num_samples=n_fine)
         positions = samples.frustums.get_positions()
         density = field_.density_at(positions, sdf_grid)
         alphas = 1.0 - torch.exp(-samples.deltas * density)
@@ -235,7 +239,7 @@ class CertSDFModel(Model):
         # Colour only where it can change the pixel: the few heaviest samples of each ray
         # (early in training, fog gives every sample some weight; the cap bounds the cost).
         w = weights[..., 0].detach()
-        top = torch.topk(w, k=min(self.config.colour_samples_per_ray, w.shape[-1]), dim=-1).indices
+        top = torch.topk(w, k=min(n_colour, w.shape[-1]), dim=-1).indices
         active = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, top, True) & (w > self.config.colour_weight_threshold)
         rgb_samples = positions.new_zeros(*positions.shape[:-1], 3)
         if active.any():
@@ -265,7 +269,10 @@ class CertSDFModel(Model):
         else:
             with torch.no_grad():
                 flat = positions.reshape(-1, 3)
-                normals = field_.geometry.normals(flat).reshape(positions.shape)
+                # Normals only where colour is computed: the other samples carry ~no weight.
+                normals = torch.zeros_like(positions)
+                if active.any():
+                    normals[active] = field_.geometry.normals(positions[active])
                 outputs["normals"] = (self.renderer_normals(normals=normals, weights=weights) + 1.0) / 2.0
                 sdf = field_.sdf_at(flat, sdf_grid).reshape(*positions.shape[:-1], 1)
                 outputs["sdf"] = (weights * sdf).sum(dim=-2) / accumulation.clamp_min(1e-6)

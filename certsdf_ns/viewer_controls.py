@@ -18,6 +18,7 @@ holds while rendering), so a callback may change σ or read the grid without rac
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
@@ -58,6 +59,15 @@ class ViewerControlsConfig:
     """Range of the sharpness slider (voxels); widened to include the configured schedule."""
     mesh_colour: Tuple[int, int, int] = (230, 200, 120)
     """RGB colour of the extracted mesh."""
+    preview_coarse_samples: int = 32
+    """Uniform samples per ray in the viewer's preview renders while the camera moves."""
+    preview_fine_samples: int = 16
+    """PDF samples per ray in those preview renders."""
+    preview_colour_samples: int = 3
+    """At most this many colour-network samples per ray in those preview renders."""
+    start_at_train_camera: bool = True
+    """Open each new browser tab at the first training camera, orbiting the scene box centre. viser's
+    default camera sits at (−0.3, 0.3, −0.3) world units, i.e. inside a unit-box scene."""
 
 
 def _log(message: str) -> None:
@@ -132,7 +142,12 @@ class CertSDFViewerControls(nn.Module):
         )  # fmt: skip
         self.c6_mesh_extract = ViewerButton("Extract mesh", cb_hook=self._on_extract_mesh)
         self.c7_mesh_show = ViewerCheckbox("Show mesh", True, cb_hook=self._on_mesh_visibility)
-        self.c8_status = ViewerText("certsdf", "σ, s follow the schedule", disabled=True)
+        self.c8_fast_preview = ViewerCheckbox(
+            "Fast preview while moving", True,
+            hint=f"While the camera moves, render with {self._cfg.preview_coarse_samples}+{self._cfg.preview_fine_samples} "
+            f"samples and ≤{self._cfg.preview_colour_samples} colour samples per ray; the still frame uses the full budget.",
+        )  # fmt: skip
+        self.c9_status = ViewerText("certsdf", "σ, s follow the schedule", disabled=True)
 
     # -- helpers ---------------------------------------------------------------------------
     def _owner(self) -> "CertSDFModel":
@@ -147,7 +162,7 @@ class CertSDFViewerControls(nn.Module):
         return getattr(self.viewer_control, "viser_server", None)
 
     def _set_status(self, text: str) -> None:
-        self.c8_status.value = text
+        self.c9_status.value = text
 
     def _show(self, key: str, element: ViewerSlider, value: float) -> None:
         """Write a value to a slider from code (so its callback can tell it from a user move)."""
@@ -160,6 +175,24 @@ class CertSDFViewerControls(nn.Module):
     def _is_echo(self, key: str, element: ViewerSlider) -> bool:
         # viser runs on_update callbacks for values set from Python too (asynchronously).
         return key in self._shown and abs(float(element.value) - self._shown[key]) < 1e-9
+
+    def sample_budget(self, n_coarse: int, n_fine: int, n_colour: int) -> Tuple[int, int, int]:
+        """Samples per ray for the current render: the model's own budget, except in the viewer's
+        moving-camera preview, which nerfstudio renders at low resolution and replaces with a
+        full render once the camera rests; there, frame rate matters more than detail."""
+        if self._server() is None or not self.c8_fast_preview.value:
+            return n_coarse, n_fine, n_colour
+        from nerfstudio.viewer.render_state_machine import RenderStateMachine
+
+        thread = threading.current_thread()
+        if isinstance(thread, RenderStateMachine) and thread.state == "low_move":
+            cfg = self._cfg
+            return (
+                min(n_coarse, cfg.preview_coarse_samples),
+                min(n_fine, cfg.preview_fine_samples),
+                min(n_colour, cfg.preview_colour_samples),
+            )
+        return n_coarse, n_fine, n_colour
 
     # -- σ and s ------------------------------------------------------------------------------
     def on_schedule_step(self, step: int, sigma_voxels: float, sharpness_voxels: float) -> Tuple[float, float]:
@@ -289,6 +322,8 @@ class CertSDFViewerControls(nn.Module):
     # -- viewer attachment --------------------------------------------------------------------
     def _on_attach(self) -> None:
         self._set_status(self._describe())
+        if self._cfg.start_at_train_camera:
+            self.viewer_control.viser_server.on_client_connect(self._start_view)
         _log("viewer: controls attached (Custom Elements / model / viewer_controls)")
         # ns-viewer's own default host is 0.0.0.0 whatever the saved config says: say so.
         host = self.viewer_control.viewer.config.websocket_host
@@ -298,3 +333,18 @@ class CertSDFViewerControls(nn.Module):
                 "control training. Pass --viewer.websocket-host 127.0.0.1 to keep it local."
             )
 
+    def _start_view(self, client: Any) -> None:
+        """Put a new client's camera where the first training camera is, looking at the box centre."""
+        import viser.transforms as vtf
+
+        handles = getattr(self.viewer_control.viewer, "camera_handles", None)
+        if not handles:
+            return  # the viewer has not drawn the training cameras yet
+        first = handles[min(handles)]
+        centre = self._owner().field.geometry.aabb.mean(dim=0).cpu().numpy() * _viser_scale()
+        # viser cameras follow OpenCV (y down), so the image's up is −y of the camera frame.
+        up = vtf.SO3(np.asarray(first.wxyz)).as_matrix() @ np.array([0.0, -1.0, 0.0])
+        with client.atomic():
+            client.camera.up_direction = up
+            client.camera.position = np.asarray(first.position)
+            client.camera.look_at = centre

@@ -88,7 +88,7 @@ def test_controls_are_discoverable_in_order_and_inert_without_a_viewer():
     labels = [e.name for _, e in elements]
     assert labels == [
         "Smoothing σ (voxels)", "Sharpness s (voxels)", "Reset σ, s to schedule", "Show SDF slice", "Slice axis",
-        "Slice offset", "Extract mesh", "Show mesh", "certsdf",
+        "Slice offset", "Extract mesh", "Show mesh", "Fast preview while moving", "certsdf",
     ]  # fmt: skip
     # (the Viewer parses the pipeline, so its folders read "Custom Elements / model / viewer_controls")
     assert {p.rsplit("/", 1)[0] for p, _ in elements} == {"Custom Elements/viewer_controls"}
@@ -126,7 +126,7 @@ def test_sigma_slider_overrides_the_schedule_until_reset(attached):
         model.set_schedule_step(step)
         assert model.field.geometry.sigma == pytest.approx(4.0 * model.voxel)
         assert model.field.sharpness == pytest.approx(2.0 * model.voxel)
-    assert "override" in controls.c8_status.value
+    assert "override" in controls.c9_status.value
 
     controls.c2_reset.cb_hook(controls.c2_reset)
     settle()
@@ -175,6 +175,65 @@ def test_extract_mesh_adds_the_zero_level_set_to_the_scene(attached):
     assert np.array_equal(kw["faces"], expected_faces) and len(expected_faces) > 100
     radii = np.linalg.norm(kw["vertices"] / 10.0 - CENTRE.numpy(), axis=1)
     assert np.abs(radii - 0.5).max() < 2.0 / 31  # within a voxel of the ball
-    assert f"{len(expected_vertices)} vertices" in controls.c8_status.value and "σ=1.00 vox" in controls.c8_status.value
+    assert f"{len(expected_vertices)} vertices" in controls.c9_status.value and "σ=1.00 vox" in controls.c9_status.value
     user_sets(controls.c7_mesh_show, False)
     assert controls._mesh_handle.visible is False
+
+
+def run_in_render_thread(fn, state: str):
+    """Run ``fn`` on a thread that is a nerfstudio RenderStateMachine in ``state``."""
+    import threading
+
+    from nerfstudio.viewer.render_state_machine import RenderStateMachine
+
+    result = {}
+
+    class RenderThread(RenderStateMachine):
+        def __init__(self) -> None:  # no viewer needed: only the thread type and state matter
+            threading.Thread.__init__(self)
+            self.state = state
+
+        def run(self) -> None:
+            result["value"] = fn()
+
+    thread = RenderThread()
+    thread.start()
+    thread.join(timeout=120)
+    return result["value"]
+
+
+def test_fast_preview_only_for_the_moving_camera_render(attached):
+    model, controls, _ = attached
+    full = (64, 32, 8)
+    assert controls.sample_budget(*full) == full  # training / eval thread
+    assert run_in_render_thread(lambda: controls.sample_budget(*full), "low_move") == (32, 16, 3)
+    assert run_in_render_thread(lambda: controls.sample_budget(*full), "high") == full
+    user_sets(controls.c8_fast_preview, False)
+    assert run_in_render_thread(lambda: controls.sample_budget(*full), "low_move") == full
+    user_sets(controls.c8_fast_preview, True)
+
+    # a real render through the model in the preview: fewer samples, same outputs
+    from nerfstudio.cameras.cameras import Cameras
+
+    from certsdf_ns.scenes import look_at_origin
+
+    c2w = torch.tensor(look_at_origin(np.array([0.0, -3.0, 0.5]))[:3, :4], dtype=torch.float32)
+    camera = Cameras(fx=20.0, fy=20.0, cx=12.0, cy=12.0, width=24, height=24, camera_to_worlds=c2w[None])
+    model.eval()
+    full_out = model.get_outputs_for_camera(camera)
+    preview = run_in_render_thread(lambda: model.get_outputs_for_camera(camera), "low_move")
+    assert set(preview) == set(full_out) >= {"rgb", "depth", "normals", "ray_min_sdf", "ray_min_sdf_rgb"}
+    assert preview["num_colour_samples"].max() <= 3
+    hit = full_out["accumulation"][..., 0] > 0.5
+    assert 0 < hit.sum() < hit.numel()  # the ball is in view, and not everywhere
+    assert ((preview["accumulation"][..., 0] > 0.5) == hit).float().mean() > 0.97  # same silhouette
+
+
+def test_warns_when_the_viewer_listens_beyond_localhost(capsys):
+    model = make_model()
+    server = SimpleNamespace(on_client_connect=lambda cb: cb)
+    model.viewer_controls.viewer_control._setup(
+        SimpleNamespace(viser_server=server, config=SimpleNamespace(websocket_host="0.0.0.0"))
+    )
+    out = capsys.readouterr().out
+    assert "[certsdf] warning: the viewer listens on 0.0.0.0" in out and "--viewer.websocket-host 127.0.0.1" in out
