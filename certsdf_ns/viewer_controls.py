@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
+import torch
 from torch import nn
 
 from nerfstudio.utils.rich_utils import CONSOLE
@@ -65,6 +66,10 @@ class ViewerControlsConfig:
     """PDF samples per ray in those preview renders."""
     preview_colour_samples: int = 3
     """At most this many colour-network samples per ray in those preview renders."""
+    cpu_max_res: int = 128
+    """On a machine without CUDA, lower the viewer's "Max res" (nerfstudio's default 512) to this at
+    start-up: the still frame is rendered under the training lock, and 512×288 px takes about a
+    minute on two cores, stalling training and every GUI callback meanwhile. 0 keeps 512."""
     start_at_train_camera: bool = True
     """Open each new browser tab at the first training camera, orbiting the scene box centre. viser's
     default camera sits at (−0.3, 0.3, −0.3) world units, i.e. inside a unit-box scene."""
@@ -322,6 +327,11 @@ class CertSDFViewerControls(nn.Module):
     # -- viewer attachment --------------------------------------------------------------------
     def _on_attach(self) -> None:
         self._set_status(self._describe())
+        panel = getattr(self.viewer_control.viewer, "control_panel", None)
+        max_res = getattr(panel, "_max_res", None)  # nerfstudio 1.1.5's "Max res" slider
+        if self._cfg.cpu_max_res > 0 and not torch.cuda.is_available() and max_res is not None:
+            max_res.value = min(int(max_res.value), self._cfg.cpu_max_res)
+            _log(f"viewer: no CUDA, 'Max res' set to {max_res.value} px (raise it in Render Options)")
         if self._cfg.start_at_train_camera:
             self.viewer_control.viser_server.on_client_connect(self._start_view)
         _log("viewer: controls attached (Custom Elements / model / viewer_controls)")
@@ -334,17 +344,32 @@ class CertSDFViewerControls(nn.Module):
             )
 
     def _start_view(self, client: Any) -> None:
-        """Put a new client's camera where the first training camera is, looking at the box centre."""
+        """Put a new client's camera where the first training camera is, looking at the box centre.
+
+        A browser can connect before the viewer has drawn the training cameras (``init_scene``
+        runs after the server starts), so wait for them on a helper thread, for a while.
+        """
+        threading.Thread(target=self._start_view_when_ready, args=(client,), daemon=True).start()
+
+    def _start_view_when_ready(self, client: Any, timeout: float = 120.0) -> None:
+        import time
+
         import viser.transforms as vtf
 
-        handles = getattr(self.viewer_control.viewer, "camera_handles", None)
-        if not handles:
-            return  # the viewer has not drawn the training cameras yet
+        deadline = time.monotonic() + timeout
+        while not getattr(self.viewer_control.viewer, "camera_handles", None):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
+        handles = self.viewer_control.viewer.camera_handles
         first = handles[min(handles)]
         centre = self._owner().field.geometry.aabb.mean(dim=0).cpu().numpy() * _viser_scale()
         # viser cameras follow OpenCV (y down), so the image's up is −y of the camera frame.
         up = vtf.SO3(np.asarray(first.wxyz)).as_matrix() @ np.array([0.0, -1.0, 0.0])
+        # A little behind the training camera: standing exactly on it puts the eye inside its
+        # frustum drawing, whose image then covers the view.
+        position = centre + 1.15 * (np.asarray(first.position) - centre)
         with client.atomic():
             client.camera.up_direction = up
-            client.camera.position = np.asarray(first.position)
+            client.camera.position = position
             client.camera.look_at = centre
