@@ -31,7 +31,7 @@ class SceneOptions:
     """camera-res-scale-factor for lego (0.25: 800 -> 200 px)."""
     meshes_dir: Path = SHARED / "meshes"
     """Folder of meshes that can be named as scenes (bunny.obj, cow.obj)."""
-    scene_dir: Path = Path("bench_data")
+    scene_dir: Path = Path("bench_results/scenes")
     """Where generated scenes are written (and reused)."""
     mesh_image_size: int = 200
     """Image size of generated scenes."""

@@ -15,6 +15,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from certsdf_ns.bench.data import SceneOptions, resolve_scene
 from certsdf_ns.bench.meshes import PeerExportOptions
 from certsdf_ns.bench.methods import get_method
+from certsdf_ns.bench.offline import CHECKPOINT_NOTE, LPIPS_NOTE
 from certsdf_ns.bench.results import machine_info, plot_bars, plot_lines, write_csv, write_json
 from certsdf_ns.bench.trial import TrialOptions, TrialRequest, run_trial
 
@@ -108,6 +109,8 @@ def _run_all(suite: str, cfg: SuiteConfig, requests: Sequence[TrialRequest], hea
     out.mkdir(parents=True, exist_ok=True)
     device = cfg.resolved_device()
     records = []
+    if any(req.spec.peer and req.spec.runnable()[0] for req in requests):
+        CONSOLE.print(f"[yellow][certsdf-bench] peers: {LPIPS_NOTE}; {CHECKPOINT_NOTE}.")
     with _progress() as progress:
         overall = progress.add_task(f"{suite}: {len(requests)} runs", total=len(requests))
         for req in requests:
@@ -308,6 +311,6 @@ def run_sigma(cfg: SigmaConfig) -> List[dict]:
     plot_lines(out / "bound_fraction_vs_sigma.png", series("bound_fraction"),
                "fraction of points with |sdf| ≤ dist. to {p̂=½} + tol", xl, "fraction")  # fmt: skip
     dist = series("max_abs_sdf_voxels")
-    dist["cap σΦ⁻¹(1−ε)"] = [(row["sigma_voxels"], row["max_distance_bound_voxels"]) for row in fixed]
+    dist["cap σΦ⁻¹(1−ε)"] = sorted((row["sigma_voxels"], row["max_distance_bound_voxels"]) for row in rows)
     plot_lines(out / "max_distance_vs_sigma.png", dist, "largest certified distance", xl, "max |sdf| (voxels)")
     return records
