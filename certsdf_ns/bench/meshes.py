@@ -165,5 +165,7 @@ def log_spaced_subset(items: Sequence, n: int) -> List:
         return []
     if len(items) <= n:
         return list(items)
+    if n == 1:
+        return [items[-1]]
     idx = np.unique(np.round(np.geomspace(1, len(items), n)).astype(int) - 1)
     return [items[i] for i in idx]

@@ -98,7 +98,7 @@ def plot_lines(path: Path, series: Series, title: str, xlabel: str, ylabel: str,
         else:
             ax.plot([], [], label=f"{label} (no data)")
     if logx and any(x > 0 for pts in series.values() for x, _ in pts if _finite(x)):
-        ax.set_xscale("log")
+        _log_time_axis(ax)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
@@ -109,6 +109,16 @@ def plot_lines(path: Path, series: Series, title: str, xlabel: str, ylabel: str,
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _log_time_axis(ax) -> None:
+    """Log x-axis with plain numbers (1, 2, 5, 10, 20, 50, ...) instead of 2×10⁰ labels."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    # Minor ticks sit at 2..9 × 10^k: label only 2 and 5 to keep the axis readable.
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: f"{x:g}" if f"{x:.0e}"[0] in "25" else ""))
 
 
 def plot_bars(path: Path, values: Mapping[str, float], title: str, ylabel: str) -> Path:

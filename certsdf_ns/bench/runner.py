@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import psutil
@@ -125,12 +125,12 @@ class _Timing:
     def poll(self) -> None:
         if not self.path.exists():
             return
-        with open(self.path, encoding="utf-8") as f:
+        with open(self.path, "rb") as f:
             f.seek(self.offset)
             chunk = f.read()
-        complete = chunk[: chunk.rfind("\n") + 1]  # a line being written is read next time
-        self.offset += len(complete.encode("utf-8"))
-        for line in complete.splitlines():
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written is read next time
+        self.offset += len(complete)
+        for line in complete.decode("utf-8").splitlines():
             rec = json.loads(line)
             if rec["event"] == "start":
                 self.first_iteration = rec["time"]
@@ -271,6 +271,9 @@ def run_budgeted(
             result.rays_per_sec = result.steps * settings.rays_per_batch / last.train_time_s
     if timing.start is None:
         result.status, result.reason = "failed", f"training never started (see {log_path})"
+    elif result.stopped_by == "exit":  # max iterations is "never": ending alone is a crash
+        result.status = "failed"
+        result.reason = f"ns-train exited by itself (code {proc.returncode}) before the budget (see {log_path})"
     elif not result.kept_checkpoints:
         result.status, result.reason = "failed", f"no checkpoint written (see {log_path})"
     return result
@@ -289,7 +292,3 @@ def _prune(ckpts: List[Checkpoint], targets: Sequence[float], deleted: set, fina
         Path(c.path).unlink(missing_ok=True)
         deleted.add(c.step)
 
-
-def checkpoint_times(result: RunResult) -> Dict[int, float]:
-    """step -> training time, for every checkpoint the run wrote."""
-    return {c.step: c.train_time_s for c in result.checkpoints}

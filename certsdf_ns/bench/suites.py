@@ -88,8 +88,11 @@ class SigmaConfig(SuiteConfig):
     """Fixed σ values in voxels (sigma_start_voxels = sigma_voxels)."""
     anneal: Optional[Tuple[float, float]] = (4.0, 1.0)
     """Annealed row: σ from the first to the second value (voxels); None to skip."""
-    anneal_steps: int = 1000
-    """Steps of the annealed schedule."""
+    anneal_steps: int = 0
+    """Steps of the annealed schedule; 0 = automatic: `anneal_fraction` of the median number of
+    steps the fixed-σ runs reached in the same budget (so the schedule ends inside the budget)."""
+    anneal_fraction: float = 0.5
+    """With anneal_steps = 0: the fraction of the budget's steps spent annealing."""
     budget_s: float = 300.0
     """Training seconds per σ."""
     certify: CertifyOptions = field(default_factory=CertifyOptions)
@@ -179,7 +182,8 @@ def run_speed(cfg: SpeedConfig) -> List[dict]:
         rows.append({"method": r["method"], "scene": r["scene"], "status": r["status"], "reason": r["reason"],
                      "budget_s": r["budget_s"], "steps": tr["steps"], "train_time_s": tr["train_time_s"],
                      "rays_per_batch": tr["rays_per_batch"], "rays_per_sec": tr["rays_per_sec"],
-                     "peak_rss_mb": tr["peak_rss_mb"], "startup_s": tr["startup_s"],
+                     "peak_rss_mb": tr["peak_rss_mb"], "peak_rss_main_mb": tr["peak_rss_main_mb"],
+                     "startup_s": tr["startup_s"],
                      f"time_to_psnr{cfg.psnr_threshold:g}_s": hit, f"time_to_psnr{cfg.psnr_threshold:g}_interp_s": hit_interp,
                      "final_psnr": _final(r, "psnr"), "final_ssim": _final(r, "ssim"), "lpips": r["lpips"]})  # fmt: skip
     ref = next((row for row in rows if row["method"] == "certsdf"), None)
@@ -263,24 +267,36 @@ def run_quality(cfg: QualityConfig) -> List[dict]:
 def run_sigma(cfg: SigmaConfig) -> List[dict]:
     scene = resolve_scene(cfg.scene, cfg.scenes)
     base = cfg.trial.method_extra_args("certsdf")
+    header = _header("sigma", cfg, cfg.budget_s)
+
+    def request(label: str, start: float, end: float, anneal_steps: Optional[int] = None) -> TrialRequest:
+        args = [*base, "--pipeline.model.sigma-start-voxels", f"{start:g}", "--pipeline.model.sigma-voxels", f"{end:g}"]
+        if anneal_steps is not None:
+            args += ["--pipeline.model.anneal-steps", str(anneal_steps)]
+        return TrialRequest(get_method("certsdf", args), scene, f"certsdf_{scene.name}_{label}", cfg.budget_s,
+                            certsdf_meshes=scene.gt_mesh is not None, certificate=asdict(cfg.certify),
+                            evaluate_last_only=True)  # fmt: skip
+
     rows_spec = [(f"sigma{s:g}", s, s) for s in cfg.sigmas]
+    records = _run_all("sigma", cfg, [request(label, a, b) for label, a, b in rows_spec], header)
     if cfg.anneal is not None:
-        rows_spec.append((f"anneal{cfg.anneal[0]:g}to{cfg.anneal[1]:g}", cfg.anneal[0], cfg.anneal[1]))
-    reqs = []
-    for label, start, end in rows_spec:
-        args = [*base, "--pipeline.model.sigma-start-voxels", f"{start:g}", "--pipeline.model.sigma-voxels", f"{end:g}",
-                "--pipeline.model.anneal-steps", str(cfg.anneal_steps)]  # fmt: skip
-        reqs.append(TrialRequest(get_method("certsdf", args), scene, f"certsdf_{scene.name}_{label}", cfg.budget_s,
-                                 certsdf_meshes=scene.gt_mesh is not None, certificate=asdict(cfg.certify),
-                                 evaluate_last_only=True))  # fmt: skip
-    records = _run_all("sigma", cfg, reqs, _header("sigma", cfg, cfg.budget_s))
+        steps = cfg.anneal_steps
+        if steps <= 0:  # automatic: end the schedule halfway through what the budget allows
+            done = sorted(r["training"]["steps"] for r in records if r["status"] == "ok")
+            steps = max(1, int(cfg.anneal_fraction * done[len(done) // 2])) if done else 1000
+        label = f"anneal{cfg.anneal[0]:g}to{cfg.anneal[1]:g}"
+        rows_spec.append((label, cfg.anneal[0], cfg.anneal[1]))
+        records += _run_all("sigma", cfg, [request(label, cfg.anneal[0], cfg.anneal[1], steps)], header)
+        records[-1]["anneal_steps"] = steps
+        write_json(Path(cfg.results_dir) / "sigma" / f"{records[-1]['run']}.json", records[-1])
     rows = []
     for (label, start, end), r in zip(rows_spec, records):
         cert = r.get("certificate") or {}
         mesh = (r["meshes"] or [{}])[-1]
         voxel = cert.get("voxel", math.nan)
         rows.append({"run": r["run"], "label": label, "sigma_start_voxels": start, "sigma_voxels": end,
-                     "annealed": start != end, "status": r["status"], "reason": r["reason"],
+                     "annealed": start != end, "anneal_steps": r.get("anneal_steps", ""),
+                     "status": r["status"], "reason": r["reason"],
                      "steps": r["training"]["steps"], "train_time_s": r["training"]["train_time_s"],
                      "psnr": _final(r, "psnr"), "ssim": _final(r, "ssim"),
                      "chamfer_l1": mesh.get("chamfer_l1", math.nan),

@@ -31,9 +31,10 @@ class TrialOptions:
 
     rays_per_batch: int = 4096
     """train_num_rays_per_batch for every method."""
-    steps_per_save: Dict[str, int] = field(default_factory=lambda: {"certsdf": 50, "nerfacto": 20, "tensorf": 50})
-    """Checkpoint interval per method (steps); methods not listed use `default_steps_per_save`."""
-    default_steps_per_save: int = 50
+    steps_per_save: Dict[str, int] = field(default_factory=lambda: {"certsdf": 20, "nerfacto": 5, "tensorf": 10})
+    """Checkpoint interval per method (steps; a few seconds of CPU training each, so early evaluation
+    times have a checkpoint). Writes are off the clock; unneeded checkpoints are deleted at once."""
+    default_steps_per_save: int = 20
     """Checkpoint interval of methods not in `steps_per_save`."""
     eval_points: int = 8
     """Checkpoints kept and evaluated per run, at log-spaced training times up to the budget."""
@@ -105,8 +106,19 @@ def run_trial(req: TrialRequest, opts: TrialOptions, out_dir: Path, device: str,
     record["training"] = run.to_json()
     record["status"], record["reason"] = run.status, run.reason
     record["evaluations"], record["meshes"] = [], []
-    if run.status != "ok":
-        return record
+    try:
+        if run.status == "ok":
+            _evaluate_run(req, opts, run, out_dir, record, progress)
+    finally:
+        if not opts.keep_checkpoints:  # ~200 MB each; the JSON keeps what was measured
+            for c in run.kept_checkpoints:
+                Path(c.path).unlink(missing_ok=True)
+    return record
+
+
+def _evaluate_run(req: TrialRequest, opts: TrialOptions, run: RunResult, out_dir: Path, record: dict, progress) -> None:
+    """Image metrics (and certsdf meshes/certificate) in-process, then peer exports in subprocesses."""
+    spec, scene = req.spec, req.scene
     ckpts = run.kept_checkpoints[-1:] if req.evaluate_last_only else run.kept_checkpoints
     times = {c.step: c.train_time_s for c in ckpts}
     gt = trimesh.load(str(scene.gt_mesh), force="mesh") if scene.gt_mesh is not None else None
@@ -123,10 +135,6 @@ def run_trial(req: TrialRequest, opts: TrialOptions, out_dir: Path, device: str,
                 if mesh is not None:
                     score_mesh(res, mesh, gt, opts.mesh_points)
                 record["meshes"].append(res.to_json())
-    if not opts.keep_checkpoints:
-        for c in run.kept_checkpoints:
-            Path(c.path).unlink(missing_ok=True)
-    return record
 
 
 def _evaluate(req: TrialRequest, opts: TrialOptions, run: RunResult, ckpts: Sequence, times: Dict[int, float],
