@@ -123,8 +123,8 @@ def _run_all(suite: str, cfg: SuiteConfig, requests: Sequence[TrialRequest], hea
             task = progress.add_task(f"{req.run_name}: training", total=req.budget_s)
 
             def report(phase: str, done: float, total: float, task=task, name=req.run_name) -> None:
-                desc = f"{name}: training" if phase == "train" else f"{name}: evaluating"
-                progress.update(task, description=desc, completed=done, total=total)
+                words = {"train": "training (s)", "eval": "evaluating checkpoints", "export": "ns-export meshes"}
+                progress.update(task, description=f"{name}: {words.get(phase, phase)}", completed=done, total=total)
 
             record = run_trial(req, cfg.trial, out, device, report if runnable else None)
             record.update(header)

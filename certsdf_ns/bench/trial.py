@@ -36,8 +36,9 @@ class TrialOptions:
     times have a checkpoint). Writes are off the clock; unneeded checkpoints are deleted at once."""
     default_steps_per_save: int = 20
     """Checkpoint interval of methods not in `steps_per_save`."""
-    eval_points: int = 8
-    """Checkpoints kept and evaluated per run, at log-spaced training times up to the budget."""
+    eval_points: int = 6
+    """Checkpoints kept and evaluated per run, at log-spaced training times up to the budget
+    (with eval_min_fraction 1/32: a factor 2 apart), plus the run's first checkpoint."""
     eval_min_fraction: float = 1.0 / 32.0
     """The earliest evaluation time, as a fraction of the budget."""
     n_test_views: int = 10
@@ -106,9 +107,11 @@ def run_trial(req: TrialRequest, opts: TrialOptions, out_dir: Path, device: str,
     record["training"] = run.to_json()
     record["status"], record["reason"] = run.status, run.reason
     record["evaluations"], record["meshes"] = [], []
+    t0 = time.perf_counter()
     try:
         if run.status == "ok":
             _evaluate_run(req, opts, run, out_dir, record, progress)
+            record["evaluation_wall_s"] = time.perf_counter() - t0  # off the clock: renders + exports
     finally:
         if not opts.keep_checkpoints:  # ~200 MB each; the JSON keeps what was measured
             for c in run.kept_checkpoints:
@@ -128,13 +131,15 @@ def _evaluate_run(req: TrialRequest, opts: TrialOptions, run: RunResult, out_dir
         record["status"], record["reason"] = "failed", f"evaluation: {exc!r}"
         record["traceback"] = traceback.format_exc()
     if req.peer_exports is not None and gt is not None and spec.peer:
-        for c in log_spaced_subset(ckpts, req.peer_export_points):
-            for kind in req.peer_exports.kinds:
-                out = Path(out_dir) / "runs" / req.run_name / "exports" / f"step{c.step}"
-                res, mesh = peer_mesh(spec.name, kind, Path(run.config_path), c.step, c.train_time_s, out, req.peer_exports)
-                if mesh is not None:
-                    score_mesh(res, mesh, gt, opts.mesh_points)
-                record["meshes"].append(res.to_json())
+        jobs = [(c, kind) for c in log_spaced_subset(ckpts, req.peer_export_points) for kind in req.peer_exports.kinds]
+        for i, (c, kind) in enumerate(jobs):
+            if progress:
+                progress("export", i, len(jobs))
+            out = Path(out_dir) / "runs" / req.run_name / "exports" / f"step{c.step}"
+            res, mesh = peer_mesh(spec.name, kind, Path(run.config_path), c.step, c.train_time_s, out, req.peer_exports)
+            if mesh is not None:
+                score_mesh(res, mesh, gt, opts.mesh_points)
+            record["meshes"].append(res.to_json())
 
 
 def _evaluate(req: TrialRequest, opts: TrialOptions, run: RunResult, ckpts: Sequence, times: Dict[int, float],
