@@ -37,6 +37,8 @@ class TrainSettings:
     """Checkpoint interval in steps (the runner prunes checkpoints it will not evaluate)."""
     device: str = "cpu"
     """'cpu' or 'cuda'."""
+    scratch_dir: Path = Path("bench_results/scenes")
+    """Where converted copies of a scene are written (the source data may be read-only)."""
 
 
 @dataclass
@@ -67,14 +69,15 @@ class MethodSpec:
             "--pipeline.datamanager.train-num-rays-per-batch", str(settings.rays_per_batch),
             "--pipeline.datamanager.camera-res-scale-factor", str(settings.camera_res_scale_factor),
             "--machine.device-type", settings.device,
-            "--mixed-precision", str(settings.device == "cuda"),
         ]  # fmt: skip
-        return [*common, *self.method_args(scene, settings), *self.extra_args, *self.data_args(scene)]
+        if settings.device != "cuda":  # fp16 autocast is CUDA-only; on CUDA each method keeps its own choice
+            common += ["--mixed-precision", "False"]
+        return [*common, *self.method_args(scene, settings), *self.extra_args, *self.data_args(scene, settings)]
 
     def method_args(self, scene: Path, settings: TrainSettings) -> List[str]:
         return []
 
-    def data_args(self, scene: Path) -> List[str]:
+    def data_args(self, scene: Path, settings: TrainSettings) -> List[str]:
         return ["blender-data", "--data", str(scene)]
 
 
@@ -97,7 +100,7 @@ class CertSDFSpec(MethodSpec):
     ns_method: str = "certsdf"
     peer: bool = False
 
-    def data_args(self, scene: Path) -> List[str]:
+    def data_args(self, scene: Path, settings: TrainSettings) -> List[str]:
         return ["--data", str(scene)]
 
 
@@ -164,12 +167,13 @@ class NeuSSpec(MethodSpec):
     def method_args(self, scene: Path, settings: TrainSettings) -> List[str]:
         return ["--pipeline.model.background-color", "white"]
 
-    def data_args(self, scene: Path) -> List[str]:
-        return ["sdfstudio-data", "--data", str(to_sdfstudio(scene)), "--auto-orient", "False"]
+    def data_args(self, scene: Path, settings: TrainSettings) -> List[str]:
+        out = to_sdfstudio(scene, Path(settings.scratch_dir) / f"{scene.name}_sdfstudio")
+        return ["sdfstudio-data", "--data", str(out), "--auto-orient", "False"]
 
 
-def to_sdfstudio(scene: Path) -> Path:
-    """Write `scene/sdfstudio/meta_data.json` (+ RGB images on white) from the Blender train split.
+def to_sdfstudio(scene: Path, out: Path) -> Path:
+    """Write `out/meta_data.json` (+ RGB images on white) from the Blender train split.
 
     SDFStudio frames use OpenCV camera axes and 4x4 intrinsics; auto-orientation is disabled
     at training time so the world frame stays the Blender one (the evaluator renders the
@@ -177,7 +181,6 @@ def to_sdfstudio(scene: Path) -> Path:
     """
     from PIL import Image
 
-    out = scene / "sdfstudio"
     if (out / "meta_data.json").exists():
         return out
     (out / "images").mkdir(parents=True, exist_ok=True)

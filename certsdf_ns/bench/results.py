@@ -83,7 +83,7 @@ Series = Dict[str, List[Tuple[float, float]]]
 
 
 def plot_lines(path: Path, series: Series, title: str, xlabel: str, ylabel: str, logx: bool = True,
-               notes: Optional[Iterable[str]] = None) -> Path:  # fmt: skip
+               notes: Optional[Iterable[str]] = None, xticks: Optional[Sequence[float]] = None) -> Path:  # fmt: skip
     """One line per key of `series` ([(x, y), ...]); methods with no finite point are listed in the legend."""
     import matplotlib
 
@@ -99,6 +99,9 @@ def plot_lines(path: Path, series: Series, title: str, xlabel: str, ylabel: str,
             ax.plot([], [], label=f"{label} (no data)")
     if logx and any(x > 0 for pts in series.values() for x, _ in pts if _finite(x)):
         _log_time_axis(ax)
+    if xticks:
+        ax.set_xticks(list(xticks), [f"{x:g}" for x in xticks])
+        ax.xaxis.set_minor_formatter(_null_formatter())
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
@@ -119,6 +122,12 @@ def _log_time_axis(ax) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
     # Minor ticks sit at 2..9 × 10^k: label only 2 and 5 to keep the axis readable.
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: f"{x:g}" if f"{x:.0e}"[0] in "25" else ""))
+
+
+def _null_formatter():
+    from matplotlib.ticker import NullFormatter
+
+    return NullFormatter()
 
 
 def plot_bars(path: Path, values: Mapping[str, float], title: str, ylabel: str) -> Path:

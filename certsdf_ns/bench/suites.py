@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Sequence, Tuple
@@ -126,7 +127,12 @@ def _run_all(suite: str, cfg: SuiteConfig, requests: Sequence[TrialRequest], hea
                 words = {"train": "training (s)", "eval": "evaluating checkpoints", "export": "ns-export meshes"}
                 progress.update(task, description=f"{name}: {words.get(phase, phase)}", completed=done, total=total)
 
-            record = run_trial(req, cfg.trial, out, device, report if runnable else None)
+            try:
+                record = run_trial(req, cfg.trial, out, device, report if runnable else None)
+            except Exception as exc:  # one broken method must not cost the other runs
+                record = {"run": req.run_name, "method": req.spec.name, "scene": req.scene.name, "status": "failed",
+                          "reason": repr(exc), "traceback": traceback.format_exc(), "training": {},
+                          "evaluations": [], "meshes": [], "budget_s": req.budget_s}  # fmt: skip
             record.update(header)
             write_json(out / f"{req.run_name}.json", record)
             records.append(record)
@@ -180,12 +186,12 @@ def run_speed(cfg: SpeedConfig) -> List[dict]:
         tr = r["training"]
         hit, hit_interp = time_to_threshold(r["evaluations"], cfg.psnr_threshold)
         rows.append({"method": r["method"], "scene": r["scene"], "status": r["status"], "reason": r["reason"],
-                     "budget_s": r["budget_s"], "steps": tr["steps"], "train_time_s": tr["train_time_s"],
-                     "rays_per_batch": tr["rays_per_batch"], "rays_per_sec": tr["rays_per_sec"],
-                     "peak_rss_mb": tr["peak_rss_mb"], "peak_rss_main_mb": tr["peak_rss_main_mb"],
-                     "startup_s": tr["startup_s"],
+                     "budget_s": r["budget_s"], "steps": tr.get("steps", math.nan), "train_time_s": tr.get("train_time_s", math.nan),
+                     "rays_per_batch": tr.get("rays_per_batch", math.nan), "rays_per_sec": tr.get("rays_per_sec", math.nan),
+                     "peak_rss_mb": tr.get("peak_rss_mb", math.nan), "peak_rss_main_mb": tr.get("peak_rss_main_mb", math.nan),
+                     "startup_s": tr.get("startup_s", math.nan),
                      f"time_to_psnr{cfg.psnr_threshold:g}_s": hit, f"time_to_psnr{cfg.psnr_threshold:g}_interp_s": hit_interp,
-                     "final_psnr": _final(r, "psnr"), "final_ssim": _final(r, "ssim"), "lpips": r["lpips"]})  # fmt: skip
+                     "final_psnr": _final(r, "psnr"), "final_ssim": _final(r, "ssim"), "lpips": r.get("lpips", "")})  # fmt: skip
     ref = next((row for row in rows if row["method"] == "certsdf"), None)
     keys = ["rays_per_sec", "peak_rss_mb", f"time_to_psnr{cfg.psnr_threshold:g}_s"]
     for row in rows:
@@ -297,7 +303,7 @@ def run_sigma(cfg: SigmaConfig) -> List[dict]:
         rows.append({"run": r["run"], "label": label, "sigma_start_voxels": start, "sigma_voxels": end,
                      "annealed": start != end, "anneal_steps": r.get("anneal_steps", ""),
                      "status": r["status"], "reason": r["reason"],
-                     "steps": r["training"]["steps"], "train_time_s": r["training"]["train_time_s"],
+                     "steps": r["training"].get("steps", 0), "train_time_s": r["training"].get("train_time_s", math.nan),
                      "psnr": _final(r, "psnr"), "ssim": _final(r, "ssim"),
                      "chamfer_l1": mesh.get("chamfer_l1", math.nan),
                      "fscore_0.01": (mesh.get("fscore") or {}).get("0.01", math.nan),
@@ -322,11 +328,14 @@ def run_sigma(cfg: SigmaConfig) -> List[dict]:
         return s
 
     xl = "σ (voxels; annealed runs at their final σ)"
-    plot_lines(out / "psnr_vs_sigma.png", series("psnr"), f"{scene.name}: test PSNR after {cfg.budget_s:g} s", xl, "PSNR (dB)")
-    plot_lines(out / "chamfer_vs_sigma.png", series("chamfer_l1"), f"{scene.name}: Chamfer-L1 after {cfg.budget_s:g} s", xl, "Chamfer-L1")
+    ticks = sorted({row["sigma_voxels"] for row in rows})
+    plot_lines(out / "psnr_vs_sigma.png", series("psnr"), f"{scene.name}: test PSNR after {cfg.budget_s:g} s", xl,
+               "PSNR (dB)", xticks=ticks)  # fmt: skip
+    plot_lines(out / "chamfer_vs_sigma.png", series("chamfer_l1"), f"{scene.name}: Chamfer-L1 after {cfg.budget_s:g} s", xl,
+               "Chamfer-L1", xticks=ticks)  # fmt: skip
     plot_lines(out / "bound_fraction_vs_sigma.png", series("bound_fraction"),
-               "fraction of points with |sdf| ≤ dist. to {p̂=½} + tol", xl, "fraction")  # fmt: skip
+               "fraction of points with |sdf| ≤ dist. to {p̂=½} + tol", xl, "fraction", xticks=ticks)  # fmt: skip
     dist = series("max_abs_sdf_voxels")
     dist["cap σΦ⁻¹(1−ε)"] = sorted((row["sigma_voxels"], row["max_distance_bound_voxels"]) for row in rows)
-    plot_lines(out / "max_distance_vs_sigma.png", dist, "largest certified distance", xl, "max |sdf| (voxels)")
+    plot_lines(out / "max_distance_vs_sigma.png", dist, "largest certified distance", xl, "max |sdf| (voxels)", xticks=ticks)
     return records

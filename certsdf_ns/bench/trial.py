@@ -90,7 +90,8 @@ def run_trial(req: TrialRequest, opts: TrialOptions, out_dir: Path, device: str,
     `progress(phase, done, total)` is called with phase 'train' (seconds) and 'eval' (checkpoints).
     """
     spec, scene = req.spec, req.scene
-    settings = TrainSettings(opts.rays_per_batch, scene.scale, opts.steps_per_save_for(spec.name), device)
+    settings = TrainSettings(opts.rays_per_batch, scene.scale, opts.steps_per_save_for(spec.name), device,
+                             scratch_dir=Path(out_dir) / "scenes")  # fmt: skip
     targets = eval_targets(req.budget_s, 1 if req.evaluate_last_only else opts.eval_points, opts.eval_min_fraction)
     record: dict = {
         "run": req.run_name, "method": spec.name, "scene": scene.name, "scene_path": str(scene.path),
