@@ -45,6 +45,8 @@ class TrialOptions:
     """Test views rendered per evaluation (the first N of the test split)."""
     mesh_points: int = 100_000
     """Surface samples per mesh for Chamfer-L1 / F-score."""
+    certsdf_mesh_resolution: int = 256
+    """Marching-cubes lattice of certsdf meshes (certsdf-export's --resolution; 0 = the grid nodes)."""
     grace_s: float = 90.0
     """After SIGINT at the budget, how long the run may take to save and exit before SIGKILL."""
     startup_timeout_s: float = 900.0
@@ -158,7 +160,7 @@ def _evaluate(req: TrialRequest, opts: TrialOptions, run: RunResult, ckpts: Sequ
         if req.certsdf_meshes and gt is not None and is_certsdf:
             res = MeshResult("certsdf-grid", step, times[step])
             t0 = time.perf_counter()
-            mesh = certsdf_grid_mesh(pipeline.model.field)
+            mesh = certsdf_grid_mesh(pipeline.model.field, opts.certsdf_mesh_resolution)
             res.export_s = time.perf_counter() - t0
             record["meshes"].append(score_mesh(res, mesh, gt, opts.mesh_points).to_json())
         if req.certificate is not None and is_certsdf and i == len(ckpts) - 1:
