@@ -80,6 +80,8 @@ class RunResult:
     """Peak resident memory of the training process and all its children."""
     peak_rss_main_mb: float = float("nan")
     """Peak resident memory of the training process alone."""
+    mean_load_1m: float = float("nan")
+    """Mean 1-minute load average while training: above the core count, timings are polluted."""
     stopped_by: str = ""
     """'budget' (SIGINT at the budget), 'exit' (ended by itself) or 'kill'."""
     checkpoints: List[Checkpoint] = field(default_factory=list)
@@ -222,6 +224,7 @@ def run_budgeted(
     launched = time.time()
     sigint_at: Optional[float] = None
     deleted: set = set()
+    loads: List[float] = []
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         ps = psutil.Process(proc.pid)
@@ -233,6 +236,8 @@ def run_budgeted(
                 timing.poll()
                 done = proc.poll() is not None
                 trained = timing.train_time(now)
+                if timing.start is not None:
+                    loads.append(os.getloadavg()[0])
                 if on_progress is not None:
                     on_progress(min(trained, budget_s))
                 if done:
@@ -255,6 +260,7 @@ def run_budgeted(
     timing.poll()
     result.returncode = proc.returncode
     result.peak_rss_mb, result.peak_rss_main_mb = peak, peak_main
+    result.mean_load_1m = float(np.mean(loads)) if loads else float("nan")
     result.checkpoint_write_s = timing.write_s
     result.checkpoints = list(timing.checkpoints)
     if timing.start is not None:

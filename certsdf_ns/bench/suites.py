@@ -189,7 +189,7 @@ def run_speed(cfg: SpeedConfig) -> List[dict]:
                      "budget_s": r["budget_s"], "steps": tr.get("steps", math.nan), "train_time_s": tr.get("train_time_s", math.nan),
                      "rays_per_batch": tr.get("rays_per_batch", math.nan), "rays_per_sec": tr.get("rays_per_sec", math.nan),
                      "peak_rss_mb": tr.get("peak_rss_mb", math.nan), "peak_rss_main_mb": tr.get("peak_rss_main_mb", math.nan),
-                     "startup_s": tr.get("startup_s", math.nan),
+                     "startup_s": tr.get("startup_s", math.nan), "mean_load_1m": tr.get("mean_load_1m", math.nan),
                      f"time_to_psnr{cfg.psnr_threshold:g}_s": hit, f"time_to_psnr{cfg.psnr_threshold:g}_interp_s": hit_interp,
                      "final_psnr": _final(r, "psnr"), "final_ssim": _final(r, "ssim"), "lpips": r.get("lpips", "")})  # fmt: skip
     ref = next((row for row in rows if row["method"] == "certsdf"), None)
