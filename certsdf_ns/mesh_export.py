@@ -190,7 +190,6 @@ class UsageError(ValueError):
 def _load_pipeline(config_path: Path):
     """eval_setup without loading images, tolerant of run folders moved after training."""
     import yaml
-    from nerfstudio.utils.eval_utils import eval_setup
 
     if not config_path.is_file():
         raise UsageError(f"--load-config {config_path}: no such file (pass the config.yml of an ns-train run)")
@@ -205,6 +204,7 @@ def _load_pipeline(config_path: Path):
     if not data.exists():
         raise UsageError(f"{config_path}: the scene {data} it was trained on is missing (its scene box is needed)")
     run_dir = config_path.resolve().parent
+    from nerfstudio.utils.eval_utils import eval_setup  # slow (discovers every method): after the checks
 
     def checkpoints_next_to_config(cfg):
         # ns-train records absolute output paths, so a copied or moved run folder would load the
