@@ -1,0 +1,53 @@
+"""Time certsdf renders the way nerfstudio's viewer makes them.
+
+Same camera maths (``get_camera`` from a ``CameraState`` at the first training camera), no_grad,
+the SetTrace interrupt hook, and a RenderStateMachine thread in the given state, so the
+"Fast preview while moving" budget applies exactly as in the viewer.
+
+    .venv/bin/python certsdf_ns/scripts/time_viewer_render.py outputs/.../config.yml
+
+Sizes: 53x30 is the viewer's smallest preview (30 px tall at 16:9; on CPU nerfstudio's
+adaptive preview always ends there), 128x72 the still frame at certsdf's CPU "Max res",
+512x288 the still frame at nerfstudio's default "Max res".
+"""
+import sys, time, math, os, threading
+from pathlib import Path
+import torch
+from nerfstudio.utils.eval_utils import eval_setup
+from nerfstudio.cameras.cameras import CameraType
+from nerfstudio.viewer.utils import CameraState, get_camera
+from nerfstudio.viewer_legacy.server import viewer_utils
+from nerfstudio.viewer.render_state_machine import RenderStateMachine
+
+config, pipeline, _, step = eval_setup(Path(sys.argv[1]), test_mode="test")
+model = pipeline.model.eval()
+model.viewer_controls.viewer_control.viser_server = object()  # as if a viewer were attached
+cams = pipeline.datamanager.train_dataset.cameras
+c2w = cams.camera_to_worlds[0]
+fov = float(2 * math.atan(float(cams.cy[0]) / float(cams.fy[0])))
+
+def in_thread(fn, state):
+    out = {}
+    class T(RenderStateMachine):
+        def __init__(self):
+            threading.Thread.__init__(self); self.state = state
+        def run(self):
+            out["v"] = fn()
+    t = T(); t.start(); t.join(); return out["v"]
+
+def render(h, w, state):
+    cam = get_camera(CameraState(fov=fov, aspect=w / h, c2w=c2w, camera_type=CameraType.PERSPECTIVE), h, w)
+    def go():
+        t, c = time.perf_counter(), time.thread_time()
+        with torch.no_grad(), viewer_utils.SetTrace(lambda f, e, a: None):
+            out = model.get_outputs_for_camera(cam)
+        return time.perf_counter() - t, out
+    return in_thread(go, state)
+
+print(f"checkpoint step {step}, torch threads {torch.get_num_threads()}, grid {model.config.grid_resolution}")
+render(30, 53, "low_move")
+for (h, w, state, reps) in [(30, 53, "low_move", 5), (30, 53, "low_static", 5), (72, 128, "high", 3), (288, 512, "high", 1)]:
+    la = os.getloadavg()[0]
+    runs = [render(h, w, state)[0] for _ in range(reps)]
+    best, med = min(runs), sorted(runs)[len(runs) // 2]
+    print(f"{w}x{h} ({w*h} rays) state={state}: best {best*1000:.0f} ms, median {med*1000:.0f} ms -> {1/med:.1f} fps, {w*h/med:.0f} rays/s (load {la:.1f})")
