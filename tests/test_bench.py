@@ -271,6 +271,8 @@ def test_every_method_command_line_parses_with_ns_train(tiny_scene: Path, tmp_pa
         assert data in (scene.resolve(), (tmp_path / "scratch" / "scene_sdfstudio").resolve()), name
         if name == "nerfacto":
             assert config.pipeline.model.disable_scene_contraction and config.pipeline.model.far_plane == pytest.approx(far, abs=1e-3)
+        if name.startswith("certsdf"):
+            assert config.pipeline.model.colour_encoding == ("dense" if name == "certsdf-dense" else "hash"), name
     meta = json.loads((tmp_path / "scratch" / "scene_sdfstudio" / "meta_data.json").read_text())  # neus's copy
     assert len(meta["frames"]) == len(json.loads((scene / "transforms_train.json").read_text())["frames"])
 

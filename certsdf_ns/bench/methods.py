@@ -215,6 +215,9 @@ def all_methods() -> Dict[str, MethodSpec]:
     """Every method the suites know, by name."""
     specs: List[MethodSpec] = [
         CertSDFSpec(),
+        # certsdf with a dense feature volume instead of the hash grid for colour: the torch hash
+        # grid's gather/scatter dominates a CPU step, so this is the CPU-speed variant.
+        CertSDFSpec(name="certsdf-dense", extra_args=["--pipeline.model.colour-encoding", "dense"]),
         NerfactoSpec(),
         TensoRFSpec(),
         InstantNGPSpec(),
