@@ -244,13 +244,14 @@ class CertSDFModel(Model):
         rgb_samples = positions.new_zeros(*positions.shape[:-1], 3)
         if active.any():
             rgb_samples[active] = field_.colour_at(positions[active], samples.frustums.directions[active])
-            if not self.training:
-                # Uncoloured samples render black. Harmless on camera rays (a few samples carry the
-                # weight), but short densely sampled rays, e.g. ns-export's texture rays (two mesh
-                # edges long), spread it over many: give them the coloured samples' mean colour.
-                coloured = weights * active[..., None]
-                mean = (coloured * rgb_samples).sum(-2, keepdim=True) / coloured.sum(-2, keepdim=True).clamp_min(1e-10)
-                rgb_samples = torch.where(active[..., None], rgb_samples, mean)
+            # Uncoloured samples take the weighted mean colour of the coloured ones, in training and
+            # evaluation alike. Left black, they would darken every pixel whose weight is spread
+            # over more than `colour_samples_per_ray` samples: a crossing of the density map spans
+            # ~2 voxels, i.e. many PDF samples, so top-8 carried only ~45% of it (lego, step 150)
+            # and the colour field could not reach the images' brightness.
+            coloured = weights * active[..., None]
+            mean = (coloured * rgb_samples).sum(-2, keepdim=True) / coloured.sum(-2, keepdim=True).clamp_min(1e-10)
+            rgb_samples = torch.where(active[..., None], rgb_samples, mean)
         accumulation = self.renderer_accumulation(weights=weights)
         rgb = self.renderer_rgb(rgb=rgb_samples, weights=weights)
         if not self.training and self._random_background():
