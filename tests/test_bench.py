@@ -86,6 +86,8 @@ def test_speed_suite_runs_certsdf_and_nerfacto(speed_results: Path, tiny_scene: 
     ratio = float(rows["nerfacto"]["certsdf_over_method_rays_per_sec"])
     assert math.isfinite(ratio) and ratio > 0
     _assert_pngs(speed_results, ["psnr_vs_time.png", "rays_per_sec.png", "peak_rss.png"])
+    md = (speed_results / "summary.md").read_text()  # the README's table, written by the suite itself
+    assert "| nerfacto | " in md and f"| {float(rows['nerfacto']['rays_per_sec']):.0f} | {ratio:.2f} |" in md
 
 
 def test_peer_trains_through_the_lpips_stub_launcher(speed_results: Path, tiny_scene: Path) -> None:
@@ -122,6 +124,8 @@ def test_quality_suite_tracks_images_and_meshes(tiny_scene: Path, tmp_path_facto
     assert {r["kind"] for r in _rows(out / "summary.csv")} == {"image", "mesh"}
     name = tiny_scene.name
     _assert_pngs(out, [f"{name}_psnr.png", f"{name}_ssim.png", f"{name}_chamfer_l1.png", f"{name}_fscore.png"])
+    md = (out / "summary.md").read_text()
+    assert "| test PSNR |" in md and f"| {record['evaluations'][-1]['psnr']:.2f} |" in md
 
 
 def test_sigma_suite_annealed_row(tiny_scene: Path, tmp_path_factory) -> None:
@@ -148,6 +152,33 @@ def test_sigma_suite_annealed_row(tiny_scene: Path, tmp_path_factory) -> None:
 
 
 # --------------------------------------------------------------------------- pure parts
+
+
+def test_report_tables_carry_the_ratios(tmp_path: Path) -> None:
+    """`certsdf-bench report` turns suite.json rows into the README's markdown, ratios included."""
+    from certsdf_ns.bench.report import write_report
+
+    machine = {"cpu_model": "x", "logical_cores": 2, "usable_cores": 1, "ram_gb": 23.5, "cuda": False}
+    speed = [{"method": "certsdf", "status": "ok", "reason": "", "rays_per_sec": 3000.0, "peak_rss_mb": 1900.0,
+              "time_to_psnr20_s": 100.0, "time_to_psnr20_interp_s": 90.0, "final_psnr": 22.0, "final_ssim": 0.88,
+              "certsdf_over_method_rays_per_sec": 1.0},
+             {"method": "nerfacto", "status": "ok", "reason": "", "rays_per_sec": 400.0, "peak_rss_mb": 2500.0,
+              "time_to_psnr20_s": None, "time_to_psnr20_interp_s": None, "final_psnr": 18.0, "final_ssim": 0.8,
+              "certsdf_over_method_rays_per_sec": 7.5},
+             {"method": "neus", "status": "skipped", "reason": "needs CUDA (tinycudann)"}]
+    mesh = lambda m, t, cd: {"kind": "mesh", "scene": "bunny", "method": m, "step": 1, "train_time_s": t,  # noqa: E731
+                             "chamfer_l1": cd, "fscore_0.01": 0.3, "fscore_0.02": 0.6, "export_s": 2.0, "status": "ok", "reason": ""}
+    quality = [mesh("certsdf-grid", 900.0, 0.02), mesh("nerfacto-tsdf", 900.0, 0.05), mesh("nerfacto-poisson", 900.0, 0.08)]
+    for name, rows in (("speed", speed), ("quality", quality)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "suite.json").write_text(json.dumps({"machine": machine, "budget_s": 600.0, "rows": rows}))
+    out = write_report(tmp_path)
+    assert set(out) == {"speed", "quality"}
+    assert "| nerfacto | 400 | 7.50 | 2500 | – | 18.00 | 0.800 |" in out["speed"]
+    assert "| neus | not runnable here: needs CUDA (tinycudann) |" in out["speed"]
+    assert "1 usable core(s) of 2, 23.5 GB RAM" in out["speed"]
+    assert "bunny: certsdf Chamfer-L1 0.0200 at 900 s vs best peer export nerfacto-tsdf 0.0500 at 900 s: ratio 0.40" in out["quality"]
+    assert (tmp_path / "quality" / "summary.md").read_text() == out["quality"]
 
 
 def test_lpips_stub_and_numpy_checkpoint_allow_list(tmp_path: Path) -> None:

@@ -1,10 +1,11 @@
-"""`certsdf-bench {speed,quality,sigma} [options]`: run a benchmark suite (tyro CLI, like ns-train).
+"""`certsdf-bench {speed,quality,sigma,report} [options]`: run a benchmark suite (tyro CLI, like ns-train).
 
 Examples (full budgets; see README "Benchmarks"):
 
     certsdf-bench speed --budget-s 300
     certsdf-bench quality --budget-s 600
     certsdf-bench sigma --budget-s 300
+    certsdf-bench report --results-dir bench_results   # markdown tables of finished suites
 
 Every option is listed by `certsdf-bench <suite> --help`.
 """
@@ -16,12 +17,14 @@ from typing import Union
 import tyro
 from typing_extensions import Annotated
 
+from certsdf_ns.bench.report import ReportConfig, run_report
 from certsdf_ns.bench.suites import QualityConfig, SigmaConfig, SpeedConfig, run_quality, run_sigma, run_speed
 
 Commands = Union[
     Annotated[SpeedConfig, tyro.conf.subcommand(name="speed")],
     Annotated[QualityConfig, tyro.conf.subcommand(name="quality")],
     Annotated[SigmaConfig, tyro.conf.subcommand(name="sigma")],
+    Annotated[ReportConfig, tyro.conf.subcommand(name="report")],
 ]
 
 
@@ -30,6 +33,8 @@ def run(cfg) -> list:
         return run_speed(cfg)
     if isinstance(cfg, QualityConfig):
         return run_quality(cfg)
+    if isinstance(cfg, ReportConfig):
+        return run_report(cfg)
     return run_sigma(cfg)
 
 

@@ -1,0 +1,143 @@
+"""Markdown tables from a suite's `suite.json`: what the README's Benchmarks section quotes.
+
+`certsdf-bench report --results-dir DIR` rewrites `DIR/<suite>/summary.md` for every suite found
+there and prints the tables, so each figure in the README traces back to one results folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+SUITES = ("speed", "quality", "sigma")
+
+
+@dataclass
+class ReportConfig:
+    """Write markdown tables (summary.md) from finished suites' suite.json and print them."""
+
+    results_dir: Path = Path("bench_results")
+    """A results root as given to the suites (reads RESULTS_DIR/<suite>/suite.json)."""
+
+
+def _num(v, fmt: str) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return "–"
+    return format(v, fmt)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _machine_line(suite: dict) -> str:
+    m = suite.get("machine", {})
+    cores = m.get("usable_cores") or m.get("logical_cores")
+    return (f"Machine: {m.get('cpu_model', '?')}, {cores} usable core(s) of {m.get('logical_cores')}, "
+            f"{m.get('ram_gb')} GB RAM, CUDA {'yes' if m.get('cuda') else 'no'}; torch {m.get('torch')}, "
+            f"nerfstudio {m.get('nerfstudio')}. Budget {suite.get('budget_s'):g} s of training per run.")  # fmt: skip
+
+
+def speed_markdown(suite: dict) -> str:
+    rows = suite["rows"]
+    ttp = next((k for k in rows[0] if k.startswith("time_to_psnr") and not k.endswith("interp_s")), None) if rows else None
+    out = []
+    for r in rows:
+        if r["status"] == "skipped":
+            out.append([r["method"], "not runnable here: " + str(r["reason"]), "", "", "", "", ""])
+            continue
+        ratio = r.get("certsdf_over_method_rays_per_sec")
+        out.append([r["method"], _num(r["rays_per_sec"], ".0f"), _num(ratio, ".2f"), _num(r["peak_rss_mb"], ".0f"),
+                    _num(r.get(ttp), ".0f") if ttp else "–", _num(r["final_psnr"], ".2f"), _num(r["final_ssim"], ".3f")])  # fmt: skip
+    thr = ttp[len("time_to_psnr"):-2] if ttp else "?"
+    head = ["method", "train rays/s", "certsdf ÷ method (rays/s)", "peak RSS (MB)",
+            f"time to PSNR ≥ {thr} dB (s)", "PSNR at budget", "SSIM at budget"]  # fmt: skip
+    return _table(head, out)
+
+
+def quality_markdown(suite: dict) -> str:
+    rows = suite["rows"]
+    parts = []
+    images = [r for r in rows if r["kind"] == "image"]
+    if images:
+        body = [[r["scene"], r["method"], _num(r["train_time_s"], ".0f"), _num(r["psnr"], ".2f"), _num(r["ssim"], ".3f")]
+                for r in images]  # fmt: skip
+        parts.append(_table(["scene", "method", "training time (s)", "test PSNR", "test SSIM"], body))
+    meshes = [r for r in rows if r["kind"] == "mesh"]
+    if meshes:
+        body = [[r["scene"], r["method"], _num(r["train_time_s"], ".0f"), _num(r["chamfer_l1"], ".4f"),
+                 _num(r["fscore_0.01"], ".3f"), _num(r["fscore_0.02"], ".3f"), _num(r["export_s"], ".1f"),
+                 r["status"] if r["status"] == "ok" else f"{r['status']}: {str(r['reason'])[:60]}"] for r in meshes]  # fmt: skip
+        parts.append(_table(["scene", "mesh", "training time (s)", "Chamfer-L1", "F@0.01", "F@0.02", "export (s)", "status"], body))
+        parts.append(_chamfer_ratios(meshes))
+    skipped = [r for r in rows if r["kind"] == "skipped"]
+    if skipped:
+        parts.append("\n".join(f"- {r['method']} ({r['scene']}): not runnable here: {r['reason']}" for r in skipped))
+    return "\n\n".join(p for p in parts if p)
+
+
+def _chamfer_ratios(meshes: List[dict]) -> str:
+    """certsdf's final Chamfer-L1 over the best peer export at the same (final) checkpoint time."""
+    lines = []
+    for scene in dict.fromkeys(r["scene"] for r in meshes):
+        ok = [r for r in meshes if r["scene"] == scene and r["status"] == "ok" and _finite(r["chamfer_l1"])]
+        ours = [r for r in ok if r["method"].startswith("certsdf")]
+        peers = [r for r in ok if not r["method"].startswith("certsdf")]
+        if not ours or not peers:
+            continue
+        last = max(ours, key=lambda r: r["train_time_s"])
+        best = min(peers, key=lambda r: r["chamfer_l1"])
+        lines.append(f"- {scene}: certsdf Chamfer-L1 {last['chamfer_l1']:.4f} at {last['train_time_s']:.0f} s vs best peer "
+                     f"export {best['method']} {best['chamfer_l1']:.4f} at {best['train_time_s']:.0f} s: "
+                     f"ratio {last['chamfer_l1'] / best['chamfer_l1']:.2f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def sigma_markdown(suite: dict) -> str:
+    body = []
+    for r in suite["rows"]:
+        sig = f"{r['sigma_start_voxels']:g} → {r['sigma_voxels']:g} ({r['anneal_steps']} steps)" if r["annealed"] else f"{r['sigma_voxels']:g}"
+        body.append([sig, r["status"], str(r["steps"]), _num(r["psnr"], ".2f"), _num(r["chamfer_l1"], ".4f"),
+                     _num(r["fscore_0.01"], ".3f"), _num(r["bound_fraction"], ".4f"), _num(r["bound_fraction_strict"], ".4f"),
+                     _num(r["max_abs_sdf_voxels"], ".1f"), _num(r["max_distance_bound_voxels"], ".1f")])  # fmt: skip
+    head = ["σ (voxels)", "status", "steps", "test PSNR", "Chamfer-L1", "F@0.01", "bound holds (±tol)",
+            "bound holds (strict)", "max |sdf| (voxels)", "cap σΦ⁻¹(1−ε) (voxels)"]  # fmt: skip
+    return _table(head, body)
+
+
+RENDERERS: Dict[str, Callable[[dict], str]] = {"speed": speed_markdown, "quality": quality_markdown, "sigma": sigma_markdown}
+
+
+def write_report(results_dir: Path) -> Dict[str, str]:
+    """summary.md for every suite under results_dir; returns {suite: markdown}."""
+    written = {}
+    for name in SUITES:
+        path = Path(results_dir) / name / "suite.json"
+        if not path.is_file():
+            continue
+        suite = json.loads(path.read_text())
+        md = f"### {name}\n\n{_machine_line(suite)}\n\n{RENDERERS[name](suite)}\n"
+        (path.parent / "summary.md").write_text(md, encoding="utf-8")
+        written[name] = md
+    return written
+
+
+def run_report(cfg: ReportConfig) -> Optional[List[str]]:
+    from nerfstudio.utils.rich_utils import CONSOLE
+
+    written = write_report(cfg.results_dir)
+    if not written:
+        CONSOLE.print(f"certsdf-bench report: no suite.json under {cfg.results_dir}/{{{','.join(SUITES)}}}", markup=False)
+        raise SystemExit(2)
+    for md in written.values():
+        print(md)
+    return list(written)
