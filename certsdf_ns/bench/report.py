@@ -49,7 +49,7 @@ def speed_markdown(suite: dict) -> str:
     out = []
     for r in rows:
         if r["status"] == "skipped":
-            out.append([r["method"], "not runnable here: " + str(r["reason"]), "", "", "", "", ""])
+            out.append([r["method"], _skip_reason(r["reason"]), "", "", "", "", ""])
             continue
         ratio = r.get("certsdf_over_method_rays_per_sec")
         out.append([r["method"], _num(r["rays_per_sec"], ".0f"), _num(ratio, ".2f"), _num(r["peak_rss_mb"], ".0f"),
@@ -77,7 +77,7 @@ def quality_markdown(suite: dict) -> str:
         parts.append(_chamfer_ratios(meshes))
     skipped = [r for r in rows if r["kind"] == "skipped"]
     if skipped:
-        parts.append("\n".join(f"- {r['method']} ({r['scene']}): not runnable here: {r['reason']}" for r in skipped))
+        parts.append("\n".join(f"- {r['method']} ({r['scene']}): {_skip_reason(r['reason'])}" for r in skipped))
     return "\n\n".join(p for p in parts if p)
 
 
@@ -98,6 +98,11 @@ def _chamfer_ratios(meshes: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def _skip_reason(reason) -> str:
+    reason = str(reason)
+    return reason if reason.startswith("not runnable") else f"not runnable here: {reason}"
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -110,7 +115,7 @@ def sigma_markdown(suite: dict) -> str:
                      _num(r["fscore_0.01"], ".3f"), _num(r["bound_fraction"], ".4f"), _num(r["bound_fraction_strict"], ".4f"),
                      _num(r["max_abs_sdf_voxels"], ".1f"), _num(r["max_distance_bound_voxels"], ".1f")])  # fmt: skip
     head = ["σ (voxels)", "status", "steps", "test PSNR", "Chamfer-L1", "F@0.01", "bound holds (±tol)",
-            "bound holds (strict)", "max |sdf| (voxels)", "cap σΦ⁻¹(1−ε) (voxels)"]  # fmt: skip
+            "bound holds (strict)", r"max \|sdf\| (voxels)", "cap σΦ⁻¹(1−ε) (voxels)"]  # fmt: skip
     return _table(head, body)
 
 
