@@ -130,6 +130,11 @@ def write_report(results_dir: Path) -> Dict[str, str]:
         if not path.is_file():
             continue
         suite = json.loads(path.read_text())
+        if name == "quality":  # redraw the plots from the per-run records (they are not in suite.json)
+            from certsdf_ns.bench.suites import plot_quality
+
+            runs = [json.loads(p.read_text()) for p in sorted(path.parent.glob("*.json")) if p.name != "suite.json"]
+            plot_quality(path.parent, [r for r in runs if "evaluations" in r])
         md = f"### {name}\n\n{_machine_line(suite)}\n\n{RENDERERS[name](suite)}\n"
         (path.parent / "summary.md").write_text(md, encoding="utf-8")
         written[name] = md

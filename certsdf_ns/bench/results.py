@@ -83,7 +83,8 @@ Series = Dict[str, List[Tuple[float, float]]]
 
 
 def plot_lines(path: Path, series: Series, title: str, xlabel: str, ylabel: str, logx: bool = True,
-               notes: Optional[Iterable[str]] = None, xticks: Optional[Sequence[float]] = None) -> Path:  # fmt: skip
+               notes: Optional[Iterable[str]] = None, xticks: Optional[Sequence[float]] = None,
+               logy: bool = False) -> Path:  # fmt: skip
     """One line per key of `series` ([(x, y), ...]); methods with no finite point are listed in the legend."""
     import matplotlib
 
@@ -97,8 +98,12 @@ def plot_lines(path: Path, series: Series, title: str, xlabel: str, ylabel: str,
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
         else:
             ax.plot([], [], label=f"{label} (no data)")
-    if logx and any(x > 0 for pts in series.values() for x, _ in pts if _finite(x)):
+    xs = [x for pts in series.values() for x, y in pts if _finite(x) and x > 0 and _finite(y)]
+    # A log axis over less than a decade shows no labelled tick at all: stay linear then.
+    if logx and xs and max(xs) >= 10 * min(xs):
         _log_time_axis(ax)
+    if logy and any(_finite(y) and y > 0 for pts in series.values() for _, y in pts):
+        ax.set_yscale("log")
     if xticks:
         ax.set_xticks(list(xticks), [f"{x:g}" for x in xticks])
         ax.xaxis.set_minor_formatter(_null_formatter())
