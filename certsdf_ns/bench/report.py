@@ -7,10 +7,11 @@ there and prints the tables, so each figure in the README traces back to one res
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
+
+from certsdf_ns.bench.results import _finite
 
 SUITES = ("speed", "quality", "sigma")
 
@@ -24,9 +25,7 @@ class ReportConfig:
 
 
 def _num(v, fmt: str) -> str:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return "–"
-    return format(v, fmt)
+    return format(v, fmt) if _finite(v) else "–"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -103,10 +102,6 @@ def _skip_reason(reason) -> str:
     return reason if reason.startswith("not runnable") else f"not runnable here: {reason}"
 
 
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def sigma_markdown(suite: dict) -> str:
     body = []
     for r in suite["rows"]:
@@ -122,22 +117,27 @@ def sigma_markdown(suite: dict) -> str:
 RENDERERS: Dict[str, Callable[[dict], str]] = {"speed": speed_markdown, "quality": quality_markdown, "sigma": sigma_markdown}
 
 
+def write_summary(suite_dir: Path) -> str:
+    """`suite_dir/summary.md` from `suite_dir/suite.json` (the folder is named after its suite)."""
+    suite = json.loads((suite_dir / "suite.json").read_text())
+    md = f"### {suite_dir.name}\n\n{_machine_line(suite)}\n\n{RENDERERS[suite_dir.name](suite)}\n"
+    (suite_dir / "summary.md").write_text(md, encoding="utf-8")
+    return md
+
+
 def write_report(results_dir: Path) -> Dict[str, str]:
-    """summary.md for every suite under results_dir; returns {suite: markdown}."""
+    """summary.md for every suite under results_dir, quality plots redrawn; returns {suite: markdown}."""
     written = {}
     for name in SUITES:
-        path = Path(results_dir) / name / "suite.json"
-        if not path.is_file():
+        suite_dir = Path(results_dir) / name
+        if not (suite_dir / "suite.json").is_file():
             continue
-        suite = json.loads(path.read_text())
-        if name == "quality":  # redraw the plots from the per-run records (they are not in suite.json)
+        if name == "quality":  # its plots come from the per-run records, which suite.json does not hold
             from certsdf_ns.bench.suites import plot_quality
 
-            runs = [json.loads(p.read_text()) for p in sorted(path.parent.glob("*.json")) if p.name != "suite.json"]
-            plot_quality(path.parent, [r for r in runs if "evaluations" in r])
-        md = f"### {name}\n\n{_machine_line(suite)}\n\n{RENDERERS[name](suite)}\n"
-        (path.parent / "summary.md").write_text(md, encoding="utf-8")
-        written[name] = md
+            runs = [json.loads(p.read_text()) for p in sorted(suite_dir.glob("*.json")) if p.name != "suite.json"]
+            plot_quality(suite_dir, [r for r in runs if "evaluations" in r])
+        written[name] = write_summary(suite_dir)
     return written
 
 

@@ -17,7 +17,7 @@ from certsdf_ns.bench.data import SceneOptions, resolve_scene
 from certsdf_ns.bench.meshes import PeerExportOptions
 from certsdf_ns.bench.methods import get_method
 from certsdf_ns.bench.offline import CHECKPOINT_NOTE, LPIPS_NOTE
-from certsdf_ns.bench.report import write_report
+from certsdf_ns.bench.report import write_summary
 from certsdf_ns.bench.results import machine_info, plot_bars, plot_lines, write_csv, write_json
 from certsdf_ns.bench.trial import TrialOptions, TrialRequest, run_trial
 
@@ -202,7 +202,7 @@ def run_speed(cfg: SpeedConfig) -> List[dict]:
     out = Path(cfg.results_dir) / "speed"
     write_csv(out / "summary.csv", rows)
     write_json(out / "suite.json", {**_header("speed", cfg, cfg.budget_s), "rows": rows})
-    write_report(Path(cfg.results_dir))
+    write_summary(out)
     ok_records = [r for r in records if r["status"] != "skipped"]
     skipped = [f"{r['method']}: {r['reason']}" for r in records if r["status"] == "skipped"]
     plot_lines(out / "psnr_vs_time.png", {r["method"]: [(e["train_time_s"], e["psnr"]) for e in r["evaluations"]] for r in ok_records},
@@ -248,7 +248,7 @@ def run_quality(cfg: QualityConfig) -> List[dict]:
     out = Path(cfg.results_dir) / "quality"
     write_csv(out / "summary.csv", rows)
     write_json(out / "suite.json", {**_header("quality", cfg, cfg.budget_s), "rows": rows})
-    write_report(Path(cfg.results_dir))
+    write_summary(out)
     plot_quality(out, records)
     return records
 
@@ -329,7 +329,7 @@ def run_sigma(cfg: SigmaConfig) -> List[dict]:
     out = Path(cfg.results_dir) / "sigma"
     write_csv(out / "summary.csv", rows)
     write_json(out / "suite.json", {**_header("sigma", cfg, cfg.budget_s), "rows": rows})
-    write_report(Path(cfg.results_dir))
+    write_summary(out)
     fixed = [row for row in rows if not row["annealed"]]
     annealed = [row for row in rows if row["annealed"]]
 
