@@ -38,7 +38,7 @@ def pick_backend(requested: Literal["auto", "tcnn", "torch"] = "auto") -> Backen
     backend: Backend = "tcnn" if has_tcnn else "torch"
     if not _BACKEND_LOGGED:
         why = "tinycudann + CUDA found" if has_tcnn else "no tinycudann/CUDA: pure-torch hash grid"
-        CONSOLE.print(f"[certsdf] colour field backend: {backend} ({why})")
+        CONSOLE.print(f"[certsdf] colour field backend: {backend} ({why})", markup=False, highlight=False)
         _BACKEND_LOGGED = True
     return backend
 

@@ -342,7 +342,7 @@ class CertSDFModel(Model):
 
                 self._lpips = LearnedPerceptualImagePatchSimilarity(normalize=True).to(self.device)
             else:
-                CONSOLE.print(f"[certsdf] LPIPS skipped: backbone weights not found at {weights} (offline).")
+                CONSOLE.print(f"[certsdf] LPIPS skipped: backbone weights not found at {weights} (offline).", markup=False, highlight=False)
         return self._lpips
 
     def get_image_metrics_and_images(

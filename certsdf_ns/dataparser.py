@@ -125,7 +125,7 @@ class CertSDFDataParser(DataParser):
             else:
                 parser = NerfstudioDataParserConfig(data=data, **preset).setup()
                 self._scene_box = None
-            CONSOLE.print(f"[certsdf] {data}: {fmt} format")
+            CONSOLE.print(f"[certsdf] {data}: {fmt} format", markup=False, highlight=False)
             self._delegate = parser
         return self._delegate
 

@@ -104,6 +104,8 @@ def test_nerfstudio_format_is_detected_and_trains(tiny_scene: Path, tmp_path: Pa
     proc = run_cli([ns("ns-train"), "certsdf", "--data", data, "--output-dir", tmp_path / "out", *QUICK], timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "nerfstudio format" in proc.stdout
+    # the plugin's messages keep their "[certsdf]" prefix (rich would read it as a style tag)
+    assert "[certsdf] colour field backend: " in proc.stdout
     assert list((tmp_path / "out").rglob("*.ckpt"))
 
 

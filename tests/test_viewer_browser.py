@@ -155,14 +155,20 @@ class Browser:
     def wait_frame(self, process: ViewerProcess) -> None:
         wait_until(lambda: min(self.resolution()) > 0, STEP_S, "a rendered frame (stats 'Resolution')", process)
 
-    def wait_new_picture(self, before: np.ndarray, name: str, process: ViewerProcess, min_change: float = 4.0):
-        """Screenshot until the canvas differs from ``before`` by ``min_change`` grey levels on average."""
+    def wait_new_picture(self, before: np.ndarray, name: str, process: ViewerProcess, min_fraction: float = 0.01):
+        """Screenshot until at least ``min_fraction`` of the canvas pixels differ clearly (by more
+        than 32 levels in some channel) from ``before``.
+
+        A count of clearly changed pixels, not a mean difference: a small object (the mesh of the
+        tiny scene covers ~1% of the canvas) moves the canvas mean by less than one grey level,
+        so a threshold on the mean flaked with the object's size on screen."""
         shot = None
 
         def changed() -> bool:
             nonlocal shot
             shot = self.shot(name)
-            return float(np.abs(shot[CANVAS] - before[CANVAS]).mean()) >= min_change
+            moved = np.abs(shot[CANVAS] - before[CANVAS]).max(axis=-1) > 32
+            return float(moved.mean()) >= min_fraction
 
         wait_until(changed, STEP_S, f"the canvas to change ({name})", process)
         return shot
@@ -229,6 +235,12 @@ def check_offline(browser: Browser) -> None:
         assert host.endswith(("googletagmanager.com", "nerf.studio")), f"unexpected off-host request {url}"
 
 
+def changed_colour(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Mean RGB, in ``after``, of the canvas pixels that clearly changed since ``before``."""
+    moved = np.abs(after[CANVAS] - before[CANVAS]).max(axis=-1) > 32
+    return after[CANVAS][moved].mean(axis=0)
+
+
 def check_canvas_rendered(picture: np.ndarray) -> None:
     """The canvas shows a rendered frame, not viser's empty dark scene: certsdf composites its
     renders on a white evaluation background, so the canvas turns light."""
@@ -273,12 +285,17 @@ def test_train_viewer_in_browser(tiny_scene: Path, shots: Path):
             proc.wait_log(r"viewer: σ set to 4\.00 voxels \(schedule overridden\)", after=mark)
             wait_until(lambda: "(override)" in browser.status(), STEP_S, "status to show the override", proc)
             thinner = browser.wait_new_picture(rgb, "2_sigma_4", proc)
+            assert thinner[CANVAS].mean() > rgb[CANVAS].mean(), "a larger σ should thin the fog (lighter picture)"
 
             # The SDF output (pre-coloured RdBu) is offered and rendered.
             browser.select_output("ray_min_sdf_rgb")
             sdf_view = browser.wait_new_picture(thinner, "3_ray_min_sdf_rgb", proc)
 
             # SDF slice: a textured plane appears in the scene and the process logs its range.
+            # Drawn over the (near-white) rgb render: over the SDF view, whose colormap is the
+            # slice's, the young model's all-positive slice is blue on blue and hard to see.
+            browser.select_output("rgb")
+            browser.wait_new_picture(sdf_view, "4_rgb_again", proc)
             browser.page.get_by_label("Composite depth", exact=True).uncheck()  # draw scene objects over the render
             before = browser.stable_shot("4_no_composite", proc)
             mark = len(proc.output())
@@ -287,7 +304,9 @@ def test_train_viewer_in_browser(tiny_scene: Path, shots: Path):
                 r"viewer: SDF slice z=\+0\.00 drawn \(256x256 px, sdf in \[(-?[\d.]+), (-?[\d.]+)\]", after=mark
             )
             assert float(slice_log.group(2)) > 0  # a certified distance, positive away from any surface
-            browser.wait_new_picture(before, "5_slice", proc, min_change=1.0)
+            with_slice = browser.wait_new_picture(before, "5_slice", proc, min_fraction=0.02)
+            red, _, blue = changed_colour(before, with_slice)
+            assert blue > red + 20, (red, blue)  # drawn in RdBu's blue: sdf > 0 on most of the plane
 
             # Extract mesh: this young model may have no surface yet; either way the click runs
             # marching cubes in the trainer process and reports in the panel.
@@ -346,10 +365,10 @@ def test_ns_viewer_on_checkpoint_in_browser(trained_run: TrainedRun, shots: Path
             m = proc.wait_log(r"viewer: mesh: (\d+) vertices, (\d+) faces", after=mark)
             assert int(m.group(1)) > 100 and int(m.group(2)) > 100  # a trained model has a surface
             wait_until(lambda: f"mesh: {m.group(1)} vertices" in browser.status(), STEP_S, "mesh status", proc)
-            with_mesh = browser.wait_new_picture(before, "4_mesh", proc, min_change=1.0)
+            with_mesh = browser.wait_new_picture(before, "4_mesh", proc, min_fraction=0.003)
 
             browser.page.get_by_label("Show mesh", exact=True).uncheck()
-            browser.wait_new_picture(with_mesh, "5_mesh_hidden", proc, min_change=1.0)
+            browser.wait_new_picture(with_mesh, "5_mesh_hidden", proc, min_fraction=0.003)
 
             mark = len(proc.output())
             browser.page.get_by_label("Show SDF slice", exact=True).check()
