@@ -147,6 +147,7 @@ class CertifiedSDFGrid(nn.Module):
         self._sigma = 0.0
         self.sigma = sigma
         self._cache: Tuple[object, Tensor] | None = None
+        self._gradient_cache: Tuple[object, Tensor] | None = None
 
     # -- configuration -------------------------------------------------------------
     @property
@@ -168,7 +169,7 @@ class CertifiedSDFGrid(nn.Module):
         self._sigma = value
         vox = self.voxel_size.tolist()
         self._kernels = tuple(voxel_gaussian_matrix(n, value / h) for n, h in zip(self.resolution, vox))
-        self._cache = None
+        self._cache = self._gradient_cache = None
         self._warn_if_extreme(value, min(vox), float((self.aabb[1] - self.aabb[0]).max()))
 
     def _warn_if_extreme(self, sigma: float, voxel: float, extent: float) -> None:
@@ -213,7 +214,7 @@ class CertifiedSDFGrid(nn.Module):
         if tuple(occ.shape) != self.resolution:
             raise ValueError(f"occupancy shape {tuple(occ.shape)} != grid resolution {self.resolution}")
         self.logits.copy_(torch.logit(occ.clamp(0.0, 1.0), eps=1e-13).clamp(-30.0, 30.0))
-        self._cache = None
+        self._cache = self._gradient_cache = None
 
     # -- smoothing and SDF at the nodes -------------------------------------------
     def smoothed_occupancy_grid(self) -> Float[Tensor, "X Y Z"]:
@@ -232,7 +233,7 @@ class CertifiedSDFGrid(nn.Module):
         """
         if torch.is_grad_enabled() and self.logits.requires_grad:
             return certified_sdf_from_smoothed(self.smoothed_occupancy_grid(), self._sigma, self.eps)
-        key = (self.logits._version, self._sigma, self.logits.data_ptr())
+        key = self._cache_key()
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
                 sdf = certified_sdf_from_smoothed(self.smoothed_occupancy_grid(), self._sigma, self.eps)
@@ -269,11 +270,21 @@ class CertifiedSDFGrid(nn.Module):
         t = torch.bmm(weights[1][:, None, :], t)[:, 0, :]
         return (t * weights[2]).sum(dim=-1).to(torch.float32)
 
+    def _cache_key(self) -> Tuple[int, float, int]:
+        """Changes whenever the node SDF may: the optimizer's in-place steps bump ``_version``."""
+        return (self.logits._version, self._sigma, self.logits.data_ptr())
+
+    @torch.no_grad()
     def sdf_gradient_grid(self) -> Float[Tensor, "3 X Y Z"]:
-        """Central-difference gradient of the node SDF (one-sided at the faces), for normals."""
-        grid = self.sdf_grid().detach()
-        h = self.voxel_size.tolist()
-        return torch.stack([torch.gradient(grid, spacing=h[a], dim=a)[0] for a in range(3)])
+        """Central-difference gradient of the node SDF (one-sided at the faces), for normals.
+
+        Cached like :meth:`sdf_grid`: a rendered frame asks for normals once per ray chunk."""
+        key = self._cache_key()
+        if self._gradient_cache is None or self._gradient_cache[0] != key:
+            grid, h = self.sdf_grid(), self.voxel_size.tolist()
+            gradient = torch.stack([torch.gradient(grid, spacing=h[a], dim=a)[0] for a in range(3)])
+            self._gradient_cache = (key, gradient)
+        return self._gradient_cache[1]
 
     def normals(self, x: Float[Tensor, "N 3"]) -> Float[Tensor, "N 3"]:
         """Outward unit normals ∇sdf/|∇sdf| at world points."""

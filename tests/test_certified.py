@@ -218,3 +218,29 @@ def test_sdf_cache_follows_parameter_updates() -> None:
         grid.logits.add_(5.0)  # in-place, as an optimizer does
         after = grid.sdf_grid()
     assert not torch.allclose(before, after)
+
+
+def test_normals_point_outward_and_follow_updates() -> None:
+    """Normals of a ball are radial; the cached gradient grid is rebuilt after σ changes, an
+    optimizer step or set_occupancy (a stale cache would keep the old ball's normals)."""
+    grid = make_grid(48, 1.5)
+    pts = grid.grid_points()
+    grid.set_occupancy((pts.norm(dim=-1) < 0.5).float())
+    gen = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(500, 3, generator=gen), dim=-1) * 0.5
+    cos = (grid.normals(x) * torch.nn.functional.normalize(x, dim=-1)).sum(-1)
+    assert float(cos.min()) > 0.98, float(cos.min())
+
+    # the ball moves by +0.3 along x: at (0, 0.5, 0) the old normal was +y, the new one tilts to −x
+    grid.set_occupancy(((pts - torch.tensor([0.3, 0.0, 0.0])).norm(dim=-1) < 0.5).float())
+    n = grid.normals(torch.tensor([[0.0, 0.5, 0.0]]))[0]
+    assert float(n[0]) < -0.3, n
+
+    # an in-place optimizer-like step and a σ change both refresh the cached gradients
+    before = grid.sdf_gradient_grid().clone()
+    with torch.no_grad():
+        grid.logits[:24].add_(10.0)
+    assert not torch.allclose(before, grid.sdf_gradient_grid())
+    before = grid.sdf_gradient_grid().clone()
+    grid.sigma = grid.sigma * 2
+    assert not torch.allclose(before, grid.sdf_gradient_grid())
