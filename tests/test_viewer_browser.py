@@ -155,32 +155,37 @@ class Browser:
     def wait_frame(self, process: ViewerProcess) -> None:
         wait_until(lambda: min(self.resolution()) > 0, STEP_S, "a rendered frame (stats 'Resolution')", process)
 
-    def wait_new_picture(self, before: np.ndarray, name: str, process: ViewerProcess, min_fraction: float = 0.01):
+    def wait_new_picture(self, before: np.ndarray, name: str, process: ViewerProcess, min_fraction: float):
         """Screenshot until at least ``min_fraction`` of the canvas pixels differ clearly (by more
-        than 32 levels in some channel) from ``before``.
+        than 32 levels in some channel) from ``before``; return the picture once it has settled.
 
         A count of clearly changed pixels, not a mean difference: a small object (the mesh of the
         tiny scene covers ~1% of the canvas) moves the canvas mean by less than one grey level,
-        so a threshold on the mean flaked with the object's size on screen."""
-        shot = None
+        so a threshold on the mean flaked with the object's size on screen. The viewer also
+        refines each view progressively (a coarse preview, then full resolution), which changes
+        a few percent of the pixels by itself: callers compare against settled pictures, and
+        ask for a large fraction where the whole view must change (another output type)."""
 
         def changed() -> bool:
-            nonlocal shot
-            shot = self.shot(name)
-            moved = np.abs(shot[CANVAS] - before[CANVAS]).max(axis=-1) > 32
+            moved = np.abs(self.shot(name)[CANVAS] - before[CANVAS]).max(axis=-1) > 32
             return float(moved.mean()) >= min_fraction
 
         wait_until(changed, STEP_S, f"the canvas to change ({name})", process)
-        return shot
+        return self.stable_shot(name, process)
 
-    def stable_shot(self, name: str, process: ViewerProcess) -> np.ndarray:
-        """Screenshot once the picture has settled (the viewer refines each view progressively)."""
+    def stable_shot(self, name: str, process: ViewerProcess, quiet_s: float = 3.0) -> np.ndarray:
+        """Screenshot once the picture has not changed for ``quiet_s`` seconds (a coarse preview
+        can stay up for a second or two before the full-resolution frame replaces it)."""
         shots = [self.shot(name)]
+        quiet_since = time.monotonic()
 
         def settled() -> bool:
-            time.sleep(1.0)
+            nonlocal quiet_since
+            time.sleep(0.5)
             shots.append(self.shot(name))
-            return float(np.abs(shots[-1][CANVAS] - shots[-2][CANVAS]).mean()) < 0.3
+            if float(np.abs(shots[-1][CANVAS] - shots[-2][CANVAS]).mean()) >= 0.3:
+                quiet_since = time.monotonic()
+            return time.monotonic() - quiet_since >= quiet_s
 
         wait_until(settled, STEP_S, f"the picture to settle ({name})", process)
         return shots[-1]
@@ -275,7 +280,7 @@ def test_train_viewer_in_browser(tiny_scene: Path, shots: Path):
             proc.wait_log(r"\[certsdf\] viewer: no CUDA, 'Max res' set to 128 px")
             browser.wait_frame(proc)
             check_offline(browser)
-            rgb = browser.shot("1_rgb")
+            rgb = browser.stable_shot("1_rgb", proc)
             check_canvas_rendered(rgb)
 
             # σ slider: re-smooths at once and overrides the schedule; in the young model's fog
@@ -284,18 +289,18 @@ def test_train_viewer_in_browser(tiny_scene: Path, shots: Path):
             browser.set_slider("Smoothing σ (voxels)", 4.0)
             proc.wait_log(r"viewer: σ set to 4\.00 voxels \(schedule overridden\)", after=mark)
             wait_until(lambda: "(override)" in browser.status(), STEP_S, "status to show the override", proc)
-            thinner = browser.wait_new_picture(rgb, "2_sigma_4", proc)
+            thinner = browser.wait_new_picture(rgb, "2_sigma_4", proc, min_fraction=0.01)
             assert thinner[CANVAS].mean() > rgb[CANVAS].mean(), "a larger σ should thin the fog (lighter picture)"
 
             # The SDF output (pre-coloured RdBu) is offered and rendered.
             browser.select_output("ray_min_sdf_rgb")
-            sdf_view = browser.wait_new_picture(thinner, "3_ray_min_sdf_rgb", proc)
+            sdf_view = browser.wait_new_picture(thinner, "3_ray_min_sdf_rgb", proc, min_fraction=0.5)
 
             # SDF slice: a textured plane appears in the scene and the process logs its range.
             # Drawn over the (near-white) rgb render: over the SDF view, whose colormap is the
             # slice's, the young model's all-positive slice is blue on blue and hard to see.
             browser.select_output("rgb")
-            browser.wait_new_picture(sdf_view, "4_rgb_again", proc)
+            browser.wait_new_picture(sdf_view, "4_rgb_again", proc, min_fraction=0.5)
             browser.page.get_by_label("Composite depth", exact=True).uncheck()  # draw scene objects over the render
             before = browser.stable_shot("4_no_composite", proc)
             mark = len(proc.output())
@@ -345,7 +350,7 @@ def test_ns_viewer_on_checkpoint_in_browser(trained_run: TrainedRun, shots: Path
             wait_until(lambda: certsdf_controls_shown(browser), STEP_S, "certsdf's controls in the page", proc)
             browser.wait_frame(proc)
             check_offline(browser)
-            rgb = browser.shot("1_rgb")
+            rgb = browser.stable_shot("1_rgb", proc)
             check_canvas_rendered(rgb)
             # σ and s were set from the checkpoint's step (update_to_step), not a slider
             status = re.search(r"σ=[\d.]+ vox, s=[\d.]+ vox \(schedule\), step (\d+)", browser.status())
@@ -354,7 +359,7 @@ def test_ns_viewer_on_checkpoint_in_browser(trained_run: TrainedRun, shots: Path
             # The SDF view of a trained model: most rays clear the surface by more than the
             # certificate's range (saturated blue), those through the object go red.
             browser.select_output("ray_min_sdf_rgb")
-            sdf_view = browser.wait_new_picture(rgb, "2_ray_min_sdf_rgb", proc)
+            sdf_view = browser.wait_new_picture(rgb, "2_ray_min_sdf_rgb", proc, min_fraction=0.5)
             mean = sdf_view[CANVAS].reshape(-1, 3).mean(axis=0)
             assert mean[2] > mean[0] + 30, mean
 
