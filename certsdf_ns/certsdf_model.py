@@ -122,6 +122,11 @@ class CertSDFModelConfig(ModelConfig):
     """Weight of mean o·(1−o) over the grid: the smoothed classifier should smooth a classifier."""
     tv_loss_mult: float = 1e-4
     """Weight of total variation of the occupancy grid (suppresses isolated floaters)."""
+    alpha_loss_mult: float = 0.0
+    """Weight of a binary cross-entropy between each ray's accumulation and its pixel's alpha, on
+    RGBA data only (NeRF-synthetic); 0 turns it off. Random backgrounds penalise a haze of opacity
+    a only through its colour error, ~a², whose gradient vanishes as a → 0: on lego a ~5% haze
+    over most of the background survives 10 minutes of training. The BCE's gradient does not."""
 
     @property
     def sdf_field(self) -> bool:
@@ -314,6 +319,9 @@ class CertSDFModel(Model):
             if cfg.tv_loss_mult > 0:
                 tv = sum((occ.diff(dim=d) ** 2).mean() for d in range(3))
                 loss["tv_loss"] = cfg.tv_loss_mult * tv
+            if cfg.alpha_loss_mult > 0 and image.shape[-1] == 4:
+                accumulation = outputs["accumulation"].clamp(1e-5, 1.0 - 1e-5)
+                loss["alpha_loss"] = cfg.alpha_loss_mult * F.binary_cross_entropy(accumulation, image[..., 3:4])
         return loss
 
     def get_rgba_image(self, outputs: Dict[str, Tensor], output_name: str = "rgb") -> Tensor:

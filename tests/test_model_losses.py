@@ -1,0 +1,72 @@
+"""certsdf's training losses on a small model, in-process (no data, no CLI)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.data.scene_box import SceneBox
+
+from certsdf_ns.certsdf_model import CertSDFModelConfig
+
+
+def make_model(alpha_loss_mult: float):
+    cfg = CertSDFModelConfig(
+        grid_resolution=24, hash_log2_size=10, hash_max_res=64, hash_levels=4, num_coarse_samples=32,
+        num_fine_samples=16, init_logit=-2.0, alpha_loss_mult=alpha_loss_mult,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return cfg.setup(scene_box=SceneBox(torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])), num_train_data=4)
+
+
+def rays(n: int = 64) -> RayBundle:
+    """Rays along +z from z = −2 through the box: they cross 2 units of the initial haze."""
+    gen = torch.Generator().manual_seed(0)
+    xy = torch.rand(n, 2, generator=gen) * 1.6 - 0.8
+    origins = torch.cat([xy, torch.full((n, 1), -2.0)], dim=-1)
+    directions = torch.tensor([[0.0, 0.0, 1.0]]).expand(n, 3)
+    return RayBundle(origins=origins, directions=directions, pixel_area=torch.full((n, 1), 1e-4),
+                     camera_indices=torch.zeros(n, 1, dtype=torch.long))  # fmt: skip
+
+
+def losses(model, image):
+    model.train()
+    outputs = model(rays(image.shape[0]))
+    return outputs, model.get_loss_dict(outputs, {"image": image})
+
+
+def test_alpha_loss_is_the_bce_of_accumulation_against_alpha() -> None:
+    model = make_model(alpha_loss_mult=0.05)
+    image = torch.cat([torch.rand(64, 3), torch.zeros(64, 1)], dim=-1)  # empty pixels: alpha 0
+    outputs, loss = losses(model, image)
+    acc = outputs["accumulation"].detach().clamp(1e-5, 1 - 1e-5)
+    assert float(acc.mean()) > 0.05  # the initial haze (occupancy 0.12 everywhere) is visible
+    expected = 0.05 * float(-torch.log1p(-acc).mean())
+    assert math.isclose(float(loss["alpha_loss"].detach()), expected, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("mult, channels", [(0.0, 4), (0.05, 3)])
+def test_alpha_loss_is_off_without_weight_or_alpha(mult: float, channels: int) -> None:
+    _, loss = losses(make_model(alpha_loss_mult=mult), torch.rand(64, channels))
+    assert "alpha_loss" not in loss
+
+
+def test_alpha_loss_pushes_a_faint_haze_down_where_the_colour_loss_hardly_does() -> None:
+    """On empty pixels, a haze of opacity a costs the colour loss ~a² (random backgrounds), whose
+    gradient vanishes with a; the BCE's does not. Both push occupancy down (positive gradient
+    on the logits), the BCE far harder."""
+    model = make_model(alpha_loss_mult=1.0)
+    with torch.no_grad():
+        model.field.geometry.logits.fill_(-6.0)  # occupancy 0.0025: a faint haze
+    image = torch.cat([torch.rand(64, 3, generator=torch.Generator().manual_seed(1)), torch.zeros(64, 1)], dim=-1)
+    outputs, loss = losses(model, image)
+    acc = float(outputs["accumulation"].mean())
+    assert 0.005 < acc < 0.1, acc
+    logits = model.field.geometry.logits
+    (g_colour,) = torch.autograd.grad(loss["rgb_loss"], logits, retain_graph=True)
+    (g_alpha,) = torch.autograd.grad(loss["alpha_loss"], logits)
+    assert float(g_colour.sum()) > 0 and float(g_alpha.sum()) > 0  # both lower the occupancy
+    assert float(g_alpha.sum()) > 20 * float(g_colour.sum()), (float(g_alpha.sum()), float(g_colour.sum()))
