@@ -59,15 +59,15 @@ class CertSDFModelConfig(ModelConfig):
     _target: Type = field(default_factory=lambda: CertSDFModel)
     enable_collider: bool = False
     """Rays are clipped to the scene box by the model's own AABB collider instead."""
-    grid_resolution: int = 128
+    grid_resolution: int = 192
     """Occupancy grid nodes per axis over the scene box."""
-    sigma_voxels: float = 1.5
+    sigma_voxels: float = 2.0
     """Randomized-smoothing σ at the end of training, in voxels of the occupancy grid."""
-    sigma_start_voxels: float = 1.5
+    sigma_start_voxels: float = 2.0
     """σ at step 0; annealed log-linearly to `sigma_voxels` over `anneal_steps`."""
-    sharpness_voxels: float = 0.5
+    sharpness_voxels: float = 0.25
     """Density sharpness s (G = sigmoid(−sdf/s)) at the end of training, in voxels."""
-    sharpness_start_voxels: float = 0.5
+    sharpness_start_voxels: float = 0.25
     """s at step 0; annealed log-linearly to `sharpness_voxels` over `anneal_steps`."""
     anneal_steps: int = 1000
     """Length of the σ and s schedules."""
@@ -122,7 +122,7 @@ class CertSDFModelConfig(ModelConfig):
     """Weight of mean o·(1−o) over the grid: the smoothed classifier should smooth a classifier."""
     tv_loss_mult: float = 1e-4
     """Weight of total variation of the occupancy grid (suppresses isolated floaters)."""
-    alpha_loss_mult: float = 0.0
+    alpha_loss_mult: float = 0.1
     """Weight of a binary cross-entropy between each ray's accumulation and its pixel's alpha, on
     RGBA data only (NeRF-synthetic); 0 turns it off. Random backgrounds penalise a haze of opacity
     a only through its colour error, ~a², whose gradient vanishes as a → 0: on lego a ~5% haze
