@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence, Tuple, Union
+from typing import Callable, Dict, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -144,10 +144,11 @@ class CertifiedSDFGrid(nn.Module):
         self.register_buffer("aabb", torch.as_tensor(aabb, dtype=torch.float32).reshape(2, 3).clone())
         self.eps = float(eps)
         self.logits = nn.Parameter(torch.full(res, float(init_logit)))
+        # Grids derived from the logits without autograd (node SDF, its gradient), each with the
+        # key (see _memo) they were computed at.
+        self._derived: Dict[str, Tuple[object, Tensor]] = {}
         self._sigma = 0.0
         self.sigma = sigma
-        self._cache: Tuple[object, Tensor] | None = None
-        self._gradient_cache: Tuple[object, Tensor] | None = None
 
     # -- configuration -------------------------------------------------------------
     @property
@@ -169,7 +170,7 @@ class CertifiedSDFGrid(nn.Module):
         self._sigma = value
         vox = self.voxel_size.tolist()
         self._kernels = tuple(voxel_gaussian_matrix(n, value / h) for n, h in zip(self.resolution, vox))
-        self._cache = self._gradient_cache = None
+        self._derived.clear()
         self._warn_if_extreme(value, min(vox), float((self.aabb[1] - self.aabb[0]).max()))
 
     def _warn_if_extreme(self, sigma: float, voxel: float, extent: float) -> None:
@@ -214,7 +215,7 @@ class CertifiedSDFGrid(nn.Module):
         if tuple(occ.shape) != self.resolution:
             raise ValueError(f"occupancy shape {tuple(occ.shape)} != grid resolution {self.resolution}")
         self.logits.copy_(torch.logit(occ.clamp(0.0, 1.0), eps=1e-13).clamp(-30.0, 30.0))
-        self._cache = self._gradient_cache = None
+        self._derived.clear()
 
     # -- smoothing and SDF at the nodes -------------------------------------------
     def smoothed_occupancy_grid(self) -> Float[Tensor, "X Y Z"]:
@@ -233,12 +234,10 @@ class CertifiedSDFGrid(nn.Module):
         """
         if torch.is_grad_enabled() and self.logits.requires_grad:
             return certified_sdf_from_smoothed(self.smoothed_occupancy_grid(), self._sigma, self.eps)
-        key = self._cache_key()
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                sdf = certified_sdf_from_smoothed(self.smoothed_occupancy_grid(), self._sigma, self.eps)
-            self._cache = (key, sdf)
-        return self._cache[1]
+        with torch.no_grad():
+            return self._memo(
+                "sdf", lambda: certified_sdf_from_smoothed(self.smoothed_occupancy_grid(), self._sigma, self.eps)
+            )
 
     # -- point queries ---------------------------------------------------------------
     def sdf(self, x: Float[Tensor, "N 3"], sdf_grid: Tensor | None = None) -> Float[Tensor, "N"]:
@@ -270,21 +269,24 @@ class CertifiedSDFGrid(nn.Module):
         t = torch.bmm(weights[1][:, None, :], t)[:, 0, :]
         return (t * weights[2]).sum(dim=-1).to(torch.float32)
 
-    def _cache_key(self) -> Tuple[int, float, int]:
-        """Changes whenever the node SDF may: the optimizer's in-place steps bump ``_version``."""
-        return (self.logits._version, self._sigma, self.logits.data_ptr())
+    def _memo(self, name: str, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()``, reused until the logits or σ change: the key changes whenever the node SDF
+        may (the optimizer's in-place steps bump the parameter's ``_version``)."""
+        key = (self.logits._version, self._sigma, self.logits.data_ptr())
+        if name not in self._derived or self._derived[name][0] != key:
+            self._derived[name] = (key, compute())
+        return self._derived[name][1]
 
     @torch.no_grad()
     def sdf_gradient_grid(self) -> Float[Tensor, "3 X Y Z"]:
         """Central-difference gradient of the node SDF (one-sided at the faces), for normals.
 
         Cached like :meth:`sdf_grid`: a rendered frame asks for normals once per ray chunk."""
-        key = self._cache_key()
-        if self._gradient_cache is None or self._gradient_cache[0] != key:
+        def gradient() -> Tensor:
             grid, h = self.sdf_grid(), self.voxel_size.tolist()
-            gradient = torch.stack([torch.gradient(grid, spacing=h[a], dim=a)[0] for a in range(3)])
-            self._gradient_cache = (key, gradient)
-        return self._gradient_cache[1]
+            return torch.stack([torch.gradient(grid, spacing=h[a], dim=a)[0] for a in range(3)])
+
+        return self._memo("sdf_gradient", gradient)
 
     def normals(self, x: Float[Tensor, "N 3"]) -> Float[Tensor, "N 3"]:
         """Outward unit normals ∇sdf/|∇sdf| at world points."""

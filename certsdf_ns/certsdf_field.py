@@ -20,9 +20,9 @@ from nerfstudio.field_components.field_heads import FieldHeadNames
 from nerfstudio.field_components.mlp import MLP
 from nerfstudio.fields.base_field import Field
 from nerfstudio.utils.external import TCNN_EXISTS
-from nerfstudio.utils.rich_utils import CONSOLE
 
 from certsdf_ns.certified import CertifiedSDFGrid, occupancy_to_density, sample_grid
+from certsdf_ns.console import log
 from certsdf_ns.validation import CertSDFInputError, exit_cleanly
 
 Backend = Literal["tcnn", "torch"]
@@ -38,7 +38,7 @@ def pick_backend(requested: Literal["auto", "tcnn", "torch"] = "auto") -> Backen
     backend: Backend = "tcnn" if has_tcnn else "torch"
     if not _BACKEND_LOGGED:
         why = "tinycudann + CUDA found" if has_tcnn else "no tinycudann/CUDA: pure-torch hash grid"
-        CONSOLE.print(f"[certsdf] colour field backend: {backend} ({why})", markup=False, highlight=False)
+        log(f"colour field backend: {backend} ({why})")
         _BACKEND_LOGGED = True
     return backend
 

@@ -26,11 +26,11 @@ from nerfstudio.model_components.scene_colliders import AABBBoxCollider
 from nerfstudio.models.base_model import Model, ModelConfig
 from nerfstudio.utils import colormaps
 from nerfstudio.utils.colors import get_color
-from nerfstudio.utils.rich_utils import CONSOLE
 
 from certsdf_ns import ns_export_compat
 from certsdf_ns.certified import sample_grid
 from certsdf_ns.certsdf_field import CertSDFField, pick_backend
+from certsdf_ns.console import log
 from certsdf_ns.sdf_views import ray_sdf_outputs
 from certsdf_ns.validation import BACKGROUND_KEY
 from certsdf_ns.viewer_controls import CertSDFViewerControls
@@ -350,7 +350,7 @@ class CertSDFModel(Model):
 
                 self._lpips = LearnedPerceptualImagePatchSimilarity(normalize=True).to(self.device)
             else:
-                CONSOLE.print(f"[certsdf] LPIPS skipped: backbone weights not found at {weights} (offline).", markup=False, highlight=False)
+                log(f"LPIPS skipped: backbone weights not found at {weights} (offline).")
         return self._lpips
 
     def get_image_metrics_and_images(

@@ -22,6 +22,7 @@ from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataPars
 from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from certsdf_ns.console import log
 from certsdf_ns.validation import (
     BACKGROUND_KEY,
     CertSDFInputError,
@@ -125,7 +126,7 @@ class CertSDFDataParser(DataParser):
             else:
                 parser = NerfstudioDataParserConfig(data=data, **preset).setup()
                 self._scene_box = None
-            CONSOLE.print(f"[certsdf] {data}: {fmt} format", markup=False, highlight=False)
+            log(f"{data}: {fmt} format")
             self._delegate = parser
         return self._delegate
 

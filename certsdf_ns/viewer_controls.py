@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from nerfstudio.utils.rich_utils import CONSOLE
 from nerfstudio.viewer.viewer_elements import (
     ViewerButton,
     ViewerCheckbox,
@@ -37,6 +36,7 @@ from nerfstudio.viewer.viewer_elements import (
     ViewerText,
 )
 
+from certsdf_ns import console
 from certsdf_ns.sdf_views import AXES, extract_mesh, sdf_slice, sdf_slice_image
 
 if TYPE_CHECKING:
@@ -73,11 +73,6 @@ class ViewerControlsConfig:
     start_at_train_camera: bool = True
     """Open each new browser tab at the first training camera, orbiting the scene box centre. viser's
     default camera sits at (−0.3, 0.3, −0.3) world units, i.e. inside a unit-box scene."""
-
-
-def _log(message: str) -> None:
-    # markup=False: rich would otherwise read "[certsdf]" as a style tag and drop it.
-    CONSOLE.print(f"[certsdf] {message}", markup=False, highlight=False)
 
 
 def _viser_scale() -> float:
@@ -235,7 +230,7 @@ class CertSDFViewerControls(nn.Module):
         self._shown["sigma"] = self._sigma_override
         model = self._owner()
         model.field.geometry.sigma = self._sigma_override * model.voxel
-        _log(f"viewer: σ set to {self._sigma_override:.2f} voxels (schedule overridden)")
+        console.log(f"viewer: σ set to {self._sigma_override:.2f} voxels (schedule overridden)")
         self._set_status(self._describe())
         self.refresh_slice()
 
@@ -246,13 +241,13 @@ class CertSDFViewerControls(nn.Module):
         self._shown["sharpness"] = self._sharpness_override
         model = self._owner()
         model.field.sharpness = self._sharpness_override * model.voxel
-        _log(f"viewer: sharpness set to {self._sharpness_override:.2f} voxels (schedule overridden)")
+        console.log(f"viewer: sharpness set to {self._sharpness_override:.2f} voxels (schedule overridden)")
         self._set_status(self._describe())
 
     def _on_reset(self, _: ViewerButton) -> None:
         self._sigma_override = self._sharpness_override = None
         self._owner().set_schedule_step(self._step)  # applies the schedule and moves the sliders back
-        _log(f"viewer: σ and s follow the schedule again (step {self._step})")
+        console.log(f"viewer: σ and s follow the schedule again (step {self._step})")
         self._set_status(self._describe())
         self.refresh_slice()
 
@@ -287,7 +282,7 @@ class CertSDFViewerControls(nn.Module):
         )
         if log:
             inside = float((values < 0).float().mean())
-            _log(
+            console.log(
                 f"viewer: SDF slice {self.c4_slice_axis.value}={self.c5_slice_offset.value:+.2f} drawn "
                 f"({image.shape[1]}x{image.shape[0]} px, sdf in [{float(values.min()):.3f}, {float(values.max()):.3f}], "
                 f"{100 * inside:.1f}% inside)"
@@ -305,7 +300,7 @@ class CertSDFViewerControls(nn.Module):
                 self._mesh_handle.remove()
                 self._mesh_handle = None
             self._set_status("mesh: no zero crossing yet")
-            _log("viewer: mesh extraction found no zero crossing")
+            console.log("viewer: mesh extraction found no zero crossing")
             return
         self._mesh_handle = server.scene.add_mesh_simple(
             MESH_NODE,
@@ -318,7 +313,7 @@ class CertSDFViewerControls(nn.Module):
         sigma = geometry.sigma / self._owner().voxel
         msg = f"mesh: {len(vertices)} vertices, {len(faces)} faces (σ={sigma:.2f} vox, step {self._step})"
         self._set_status(msg)
-        _log(f"viewer: {msg}")
+        console.log(f"viewer: {msg}")
 
     def _on_mesh_visibility(self, element: ViewerCheckbox) -> None:
         if self._mesh_handle is not None:
@@ -331,14 +326,14 @@ class CertSDFViewerControls(nn.Module):
         max_res = getattr(panel, "_max_res", None)  # nerfstudio 1.1.5's "Max res" slider
         if self._cfg.cpu_max_res > 0 and not torch.cuda.is_available() and max_res is not None:
             max_res.value = min(int(max_res.value), self._cfg.cpu_max_res)
-            _log(f"viewer: no CUDA, 'Max res' set to {max_res.value} px (raise it in Render Options)")
+            console.log(f"viewer: no CUDA, 'Max res' set to {max_res.value} px (raise it in Render Options)")
         if self._cfg.start_at_train_camera:
             self.viewer_control.viser_server.on_client_connect(self._start_view)
-        _log("viewer: controls attached (Custom Elements / model / viewer_controls)")
+        console.log("viewer: controls attached (Custom Elements / model / viewer_controls)")
         # ns-viewer's own default host is 0.0.0.0 whatever the saved config says: say so.
         host = self.viewer_control.viewer.config.websocket_host
         if host not in ("127.0.0.1", "localhost", "::1"):
-            _log(
+            console.log(
                 f"warning: the viewer listens on {host}; anyone on the network can "
                 "control training. Pass --viewer.websocket-host 127.0.0.1 to keep it local."
             )

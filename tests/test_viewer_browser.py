@@ -121,6 +121,11 @@ def wait_until(predicate, timeout: float, what: str, process: ViewerProcess | No
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
 
 
+def clearly_changed(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Canvas mask of pixels that changed by more than 32 levels in some channel."""
+    return np.abs(after[CANVAS] - before[CANVAS]).max(axis=-1) > 32
+
+
 class Browser:
     """Headless Chromium on the viewer page; every request off 127.0.0.1 is blocked and recorded."""
 
@@ -167,8 +172,7 @@ class Browser:
         ask for a large fraction where the whole view must change (another output type)."""
 
         def changed() -> bool:
-            moved = np.abs(self.shot(name)[CANVAS] - before[CANVAS]).max(axis=-1) > 32
-            return float(moved.mean()) >= min_fraction
+            return float(clearly_changed(before, self.shot(name)).mean()) >= min_fraction
 
         wait_until(changed, STEP_S, f"the canvas to change ({name})", process)
         return self.stable_shot(name, process)
@@ -242,8 +246,7 @@ def check_offline(browser: Browser) -> None:
 
 def changed_colour(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     """Mean RGB, in ``after``, of the canvas pixels that clearly changed since ``before``."""
-    moved = np.abs(after[CANVAS] - before[CANVAS]).max(axis=-1) > 32
-    return after[CANVAS][moved].mean(axis=0)
+    return after[CANVAS][clearly_changed(before, after)].mean(axis=0)
 
 
 def check_canvas_rendered(picture: np.ndarray) -> None:
