@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Dict, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,25 +37,47 @@ from torch import Tensor, nn
 AabbLike = Union[Tensor, Sequence[Sequence[float]]]
 
 
-def voxel_gaussian_matrix(num: int, sigma_voxels: float, dtype: torch.dtype = torch.float32) -> Float[Tensor, "num num"]:
-    """Toeplitz matrix K[i, j]: Gaussian mass of cell j seen from node i, along one axis.
+def gaussian_cell_mass(offsets: Tensor, sigma_voxels: float) -> Tensor:
+    """Mass of N(0, σ²) over the unit cell centred at each offset (cell centre − point, in voxels):
+    Φ((d + ½)/σ) − Φ((d − ½)/σ), the weight of one cell of f in p̂ along one axis.
 
-    Computed in float64 and as a difference of Φ so that far-away entries do not cancel
-    catastrophically; cast at the end.
+    Written with erfc on the far side so that far-away masses do not cancel catastrophically;
+    evaluated in the dtype of ``offsets`` (pass float64).
     """
-    offsets = torch.arange(num, dtype=torch.float64)
-    d = offsets[None, :] - offsets[:, None]  # x_j - x_i in voxels
     s = float(sigma_voxels) * math.sqrt(2.0)
-    # Φ(a) − Φ(b) = ½(erf(a/√2) − erf(b/√2)); use erfc on the far side for precision.
-    upper, lower = (d + 0.5) / s, (d - 0.5) / s
-    mass = torch.where(
+    upper, lower = (offsets + 0.5) / s, (offsets - 0.5) / s
+    return torch.where(
         lower > 0,
         0.5 * (torch.special.erfc(lower) - torch.special.erfc(upper)),
         0.5 * (torch.special.erfc(-upper) - torch.special.erfc(-lower)),
     )
+
+
+def voxel_gaussian_matrix(num: int, sigma_voxels: float, dtype: torch.dtype = torch.float32) -> Float[Tensor, "num num"]:
+    """Toeplitz matrix K[i, j]: Gaussian mass of cell j seen from node i, along one axis.
+
+    Computed in float64 and cast at the end.
+    """
+    offsets = torch.arange(num, dtype=torch.float64)
+    mass = gaussian_cell_mass(offsets[None, :] - offsets[:, None], sigma_voxels)
     # Masses below 1e-12 are invisible next to the O(1) centre in float32, but left in they
     # become denormals, which slow BLAS down ~30x on x86. Dropping them changes p̂ by < 1e-9.
     return torch.where(mass < 1e-12, torch.zeros_like(mass), mass).to(dtype)
+
+
+def separable_apply(
+    volume: Float[Tensor, "X Y Z"], matrices: Tuple[Tensor, Tensor, Tensor]
+) -> Float[Tensor, "A B C"]:
+    """out[a, b, c] = Σ_ijk Mx[a, i]·My[b, j]·Mz[c, k]·volume[i, j, k]: one matrix per axis.
+
+    A separable linear operator on a grid (the Gaussian smoothing, trilinear resampling onto a
+    lattice) as three matrix products, which BLAS runs far faster than conv3d or grid_sample.
+    """
+    mx, my, mz = matrices
+    nx, ny, nz = volume.shape
+    out = torch.matmul(mx, volume.reshape(nx, ny * nz)).reshape(-1, ny, nz)
+    out = torch.matmul(my, out)  # batched over x, acts on y
+    return torch.matmul(out, mz.transpose(0, 1))  # acts on z
 
 
 def smooth_occupancy(
@@ -63,15 +85,30 @@ def smooth_occupancy(
 ) -> Float[Tensor, "X Y Z"]:
     """Exact Gaussian smoothing of a voxel occupancy grid, zero outside the box.
 
-    Three dense matrix products instead of conv3d: on CPU this is ~7x faster (the band is
-    wide for σ of a few voxels and BLAS beats direct convolution), and dense Toeplitz
-    matrices need no truncation for σ larger than the grid.
+    Dense Toeplitz matrices instead of conv3d: on CPU this is ~7x faster (the band is wide
+    for σ of a few voxels and BLAS beats direct convolution), and it needs no truncation
+    for σ larger than the grid.
     """
-    kx, ky, kz = (k.to(occupancy.dtype) for k in kernels)
-    nx, ny, nz = occupancy.shape
-    p = torch.matmul(kx, occupancy.reshape(nx, ny * nz)).reshape(nx, ny, nz)
-    p = torch.matmul(ky, p)  # batched over x, acts on y
-    return torch.matmul(p, kz.transpose(0, 1))  # acts on z
+    return separable_apply(occupancy, tuple(k.to(occupancy.dtype) for k in kernels))  # type: ignore[arg-type]
+
+
+def sigma_problems(sigma: float, voxel: float, extent: float) -> List[str]:
+    """Why a σ (world units) is geometrically useless on a grid with this voxel and box extent.
+
+    Numerically every positive σ is fine (the SDF stays finite); these are the two ends where
+    the certificate says nothing useful. Used by the grid (a warning) and the config checks.
+    """
+    if sigma < 0.25 * voxel:
+        return [
+            f"sigma={sigma:.3g} is below a quarter voxel ({voxel:.3g}): smoothing hardly reaches the next "
+            "cell, so the certified SDF jumps between its clamps within one voxel (tiny gradients)."
+        ]
+    if sigma > extent:
+        return [
+            f"sigma={sigma:.3g} exceeds the scene box ({extent:.3g}): p̂ is nearly flat, the bound |sdf| <= "
+            "distance is loose everywhere and the surface p̂ = 1/2 may vanish."
+        ]
+    return []
 
 
 def probit(p: Tensor) -> Tensor:
@@ -174,22 +211,13 @@ class CertifiedSDFGrid(nn.Module):
         self._warn_if_extreme(value, min(vox), float((self.aabb[1] - self.aabb[0]).max()))
 
     def _warn_if_extreme(self, sigma: float, voxel: float, extent: float) -> None:
-        """Numerically fine (the output stays finite) but geometrically useless σ: warn once per grid."""
+        """Warn once per grid and kind when σ is geometrically useless (see :func:`sigma_problems`)."""
         warned = self.__dict__.setdefault("_sigma_warned", set())
-        if sigma < 0.25 * voxel and "small" not in warned:
-            warned.add("small")
-            warnings.warn(
-                f"sigma={sigma:.3g} is below a quarter voxel ({voxel:.3g}): smoothing hardly reaches the next "
-                "cell, so the certified SDF jumps between its clamps within one voxel (tiny gradients).",
-                stacklevel=3,
-            )
-        elif sigma > extent and "large" not in warned:
-            warned.add("large")
-            warnings.warn(
-                f"sigma={sigma:.3g} exceeds the scene box ({extent:.3g}): p̂ is nearly flat, the bound |sdf| <= "
-                "distance is loose everywhere and the surface p̂ = 1/2 may vanish.",
-                stacklevel=3,
-            )
+        for problem in sigma_problems(sigma, voxel, extent):
+            kind = "small" if "below" in problem else "large"
+            if kind not in warned:
+                warned.add(kind)
+                warnings.warn(problem, stacklevel=3)
 
     @property
     def max_distance(self) -> float:
@@ -261,8 +289,7 @@ class CertifiedSDFGrid(nn.Module):
         for axis in range(3):
             nodes = torch.linspace(float(self.aabb[0, axis]), float(self.aabb[1, axis]), self.resolution[axis], dtype=torch.float64)
             d = (nodes[None, :] - x[:, axis : axis + 1].to(torch.float64)) / h[axis]
-            s = self._sigma / float(h[axis]) * math.sqrt(2.0)
-            weights.append(0.5 * (torch.special.erfc(-(d + 0.5) / s) - torch.special.erfc(-(d - 0.5) / s)))
+            weights.append(gaussian_cell_mass(d, self._sigma / float(h[axis])))
         # Contract one axis at a time: memory N·Y·Z instead of an N·X·Y·Z intermediate.
         nx, ny, nz = self.resolution
         t = (weights[0] @ occ.reshape(nx, ny * nz)).reshape(-1, ny, nz)
@@ -293,9 +320,7 @@ class CertifiedSDFGrid(nn.Module):
         return F.normalize(sample_grid(self.sdf_gradient_grid(), x, self.aabb), dim=-1)
 
 
-def occupancy_to_density(
-    sdf: Tensor, sharpness: float, density_scale: float = 30.0, density_eps: float = 1e-6
-) -> Tensor:
+def sdf_to_density(sdf: Tensor, sharpness: float, density_scale: float = 30.0, density_eps: float = 1e-6) -> Tensor:
     """The paper's SDF-to-density map: G = sigmoid(−sdf/s), density = −scale·ln(1 + ε − G).
 
     Written with log1p(ε − G) for accuracy where G is tiny (far outside), so empty space gets

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from certsdf_ns.scenes import make_scene
+from certsdf_ns.data.scenes import make_scene
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ The defaults are chosen for the machines people have, which may have no GPU:
 - the live viewer plus tensorboard for eval logging (nerfstudio's default is wandb);
 - the viewer binds to 127.0.0.1: nerfstudio's 0.0.0.0 exposes an unauthenticated control
   surface to the whole network (use `--viewer.websocket-host 0.0.0.0` to opt in);
-- certsdf's trainer (`certsdf_ns/trainer.py`): config and memory checks before anything is
+- certsdf's trainer (`certsdf_ns/training/trainer.py`): config and memory checks before anything is
   allocated, atomic checkpoints, and bitwise-exact resume on CPU.
 """
 
@@ -16,13 +16,13 @@ import torch
 
 from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
 from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
-from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
 
-from certsdf_ns.certsdf_model import CertSDFModelConfig
-from certsdf_ns.dataparser import CertSDFDataParserConfig
-from certsdf_ns.optim import FusedAdamOptimizerConfig, PlainFloatExponentialDecaySchedulerConfig
-from certsdf_ns.trainer import CertSDFTrainerConfig
+from certsdf_ns.method.model import CertSDFModelConfig
+from certsdf_ns.pipeline import CertSDFPipelineConfig
+from certsdf_ns.data.dataparser import CertSDFDataParserConfig
+from certsdf_ns.training.optim import FusedAdamOptimizerConfig, PlainFloatExponentialDecaySchedulerConfig
+from certsdf_ns.training.trainer import CertSDFTrainerConfig
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -35,7 +35,7 @@ certsdf_trainer_config = CertSDFTrainerConfig(
     max_num_iterations=30_000,
     mixed_precision=HAS_CUDA,
     machine=MachineConfig(device_type="cuda" if HAS_CUDA else "cpu"),
-    pipeline=VanillaPipelineConfig(
+    pipeline=CertSDFPipelineConfig(
         datamanager=VanillaDataManagerConfig(
             dataparser=CertSDFDataParserConfig(),
             train_num_rays_per_batch=4096,

@@ -54,7 +54,7 @@ class TrainedRun:
 
 @pytest.fixture(scope="session")
 def tiny_scene(tmp_path_factory) -> Path:
-    from certsdf_ns.scenes import make_scene
+    from certsdf_ns.data.scenes import make_scene
 
     return make_scene(tmp_path_factory.mktemp("scene") / "tiny", image_size=48, n_train=40, n_val=4, n_test=4)
 

@@ -131,7 +131,7 @@ def test_quality_suite_tracks_images_and_meshes(tiny_scene: Path, tmp_path_facto
 def test_sigma_suite_annealed_row(tiny_scene: Path, tmp_path_factory) -> None:
     """One annealed σ row (fixed rows are the same code with start = end; certsdf's default σ is
     fixed and runs in the other suites): σ replayed on load, certificate numbers, plots."""
-    from certsdf_ns.certsdf_model import annealed
+    from certsdf_ns.method.model import annealed
 
     out = _bench("sigma", tmp_path_factory.mktemp("bench"), "--scene", tiny_scene, "--sigmas",
                  "--anneal", "4", "1", "--anneal-steps", "5", "--certify.surface-samples", "100000",
@@ -266,7 +266,7 @@ def test_certsdf_grid_mesh_is_in_the_scene_frame_and_scored() -> None:
     sphere.apply_translation(centre.numpy())
     scored = score_mesh(MeshResult("certsdf-grid", 0, 0.0), mesh, sphere, n_points=20_000)
     assert scored.status == "ok" and scored.chamfer_l1 < 0.02, scored  # voxel = 0.051
-    from certsdf_ns.bench.meshes import _node_grid_mesh  # the fallback without certsdf_ns.mesh_export
+    from certsdf_ns.bench.meshes import _node_grid_mesh  # the fallback without certsdf_ns.export.mesh_export
 
     fallback = score_mesh(MeshResult("certsdf-grid", 0, 0.0), _node_grid_mesh(field.geometry), sphere, n_points=20_000)
     assert fallback.chamfer_l1 < 0.02, fallback

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from certsdf_ns.certified import CertifiedSDFGrid, occupancy_to_density, voxel_gaussian_matrix
+from certsdf_ns.certified import CertifiedSDFGrid, sdf_to_density, voxel_gaussian_matrix
 
 AABB = ((-1.0, -1.0, -1.0), (1.0, 1.0, 1.0))
 
@@ -165,7 +165,7 @@ def test_numerics_at_exact_zero_and_one_occupancy(fill: float) -> None:
     grid.set_occupancy(torch.full((24, 24, 24), fill))
     x = (torch.rand(1000, 3) * 2.4 - 1.2).requires_grad_(True)
     sdf = grid.sdf(x)
-    density = occupancy_to_density(sdf, 0.02)
+    density = sdf_to_density(sdf, 0.02)
     (gx,) = torch.autograd.grad((sdf + density).sum(), x)
     assert torch.isfinite(sdf).all() and torch.isfinite(density).all() and torch.isfinite(gx).all()
     assert sdf.abs().max() <= grid.max_distance * (1 + 1e-5)
@@ -181,7 +181,7 @@ def test_numerics_at_extreme_logits() -> None:
         grid.logits.copy_(torch.randn(24, 24, 24) * 1e4)
     x = torch.rand(500, 3) * 2 - 1
     sdf = grid.sdf(x)
-    (gl,) = torch.autograd.grad(occupancy_to_density(sdf, 0.01).sum(), grid.logits)
+    (gl,) = torch.autograd.grad(sdf_to_density(sdf, 0.01).sum(), grid.logits)
     assert torch.isfinite(sdf).all() and torch.isfinite(gl).all()
 
 
@@ -190,8 +190,8 @@ def test_density_map_is_the_papers() -> None:
     s, eps = 0.1, 1e-6
     g = torch.sigmoid(-sdf.double() / s)
     expected = -30.0 * torch.log(1 + eps - g)  # reference in float64
-    assert torch.allclose(occupancy_to_density(sdf, s, 30.0, eps).double(), expected, rtol=1e-4)
-    assert occupancy_to_density(torch.tensor([-10.0]), s)[0] > occupancy_to_density(torch.tensor([10.0]), s)[0]
+    assert torch.allclose(sdf_to_density(sdf, s, 30.0, eps).double(), expected, rtol=1e-4)
+    assert sdf_to_density(torch.tensor([-10.0]), s)[0] > sdf_to_density(torch.tensor([10.0]), s)[0]
 
 
 def test_python_api_shapes_and_validation() -> None:

@@ -1,4 +1,4 @@
-"""Tests of certsdf_ns.geometry_eval: metric values on known shapes and the CLI."""
+"""Tests of certsdf_ns.export.geometry_eval: metric values on known shapes and the CLI."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import trimesh
 
-from certsdf_ns.geometry_eval import MeshMetrics, evaluate_mesh
-from certsdf_ns.scenes import procedural_demo_mesh
+from certsdf_ns.export.geometry_eval import MeshMetrics, evaluate_mesh
+from certsdf_ns.data.scenes import procedural_demo_mesh
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
     # The package may not be pip-installed: make the subprocess import it from the repo.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
-        [sys.executable, "-m", "certsdf_ns.geometry_eval", *args],
+        [sys.executable, "-m", "certsdf_ns.export.geometry_eval", *args],
         capture_output=True, text=True, env=env, timeout=120,
     )
 

@@ -19,16 +19,11 @@ import torch
 import trimesh
 from scipy import optimize, stats
 
-from certsdf_ns import ns_export_compat
 from certsdf_ns.certified import CertifiedSDFGrid
-from certsdf_ns.geometry_eval import evaluate_mesh
-from certsdf_ns.mesh_export import (
-    NoSurfaceError,
-    extract_mesh,
-    lattice_coordinates,
-    sample_sdf_lattice,
-    to_original_frame,
-)
+from certsdf_ns.export import ns_export_compat
+from certsdf_ns.export.geometry_eval import evaluate_mesh
+from certsdf_ns.export.mesh import NoSurfaceError, extract_mesh, lattice_coordinates, sample_sdf_lattice
+from certsdf_ns.export.mesh_export import to_original_frame
 from conftest import TrainedRun, ns, run_cli
 
 # Measured on the fixture run (300 steps, 64³ grid, voxel 0.048): Chamfer-L1 to gt_mesh.ply was

@@ -10,7 +10,7 @@ import torch
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.data.scene_box import SceneBox
 
-from certsdf_ns.certsdf_model import CertSDFModelConfig
+from certsdf_ns.method.model import CertSDFModelConfig
 
 
 def make_model(alpha_loss_mult: float):

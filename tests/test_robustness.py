@@ -26,10 +26,11 @@ from PIL import Image
 from conftest import SHARED, TrainedRun, ns, run_cli
 
 from certsdf_ns.certified import CertifiedSDFGrid, certified_sdf_from_smoothed, smooth_occupancy
-from certsdf_ns.certsdf_model import CertSDFModelConfig
-from certsdf_ns.config_checks import check_model_config, largest_fitting_resolution, training_memory_bytes
-from certsdf_ns.dataparser import CertSDFDataParserConfig
-from certsdf_ns.validation import BACKGROUND_KEY, CertSDFInputError, validate_blender_split
+from certsdf_ns.method.model import CertSDFModelConfig
+from certsdf_ns.training.config_checks import check_model_config, largest_fitting_resolution, training_memory_bytes
+from certsdf_ns.data.dataparser import CertSDFDataParserConfig
+from certsdf_ns.data.validation import BACKGROUND_KEY, validate_blender_split
+from certsdf_ns.errors import CertSDFInputError
 
 TINY_MODEL = [
     "--pipeline.model.grid-resolution", "32", "--pipeline.datamanager.train-num-rays-per-batch", "256",
@@ -39,7 +40,7 @@ TINY_MODEL = [
 
 @pytest.fixture(scope="module")
 def scene32(tmp_path_factory) -> Path:
-    from certsdf_ns.scenes import make_scene
+    from certsdf_ns.data.scenes import make_scene
 
     return make_scene(tmp_path_factory.mktemp("robust") / "scene", image_size=32, n_train=20, n_val=2, n_test=2)
 

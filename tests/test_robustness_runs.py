@@ -27,7 +27,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import ns
 
-from certsdf_ns.trainer import CHECKPOINT_NAME, PARTIAL_SUFFIX, PAUSE_ENV, newest_complete_checkpoint
+from certsdf_ns.training.trainer import CHECKPOINT_NAME, PARTIAL_SUFFIX, PAUSE_ENV, newest_complete_checkpoint
 
 STEPS = 50
 KILL_AT = 30  # B dies while writing this checkpoint...
@@ -82,7 +82,7 @@ def _finish(proc, log, timeout: float) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Runs:
-    from certsdf_ns.scenes import make_scene
+    from certsdf_ns.data.scenes import make_scene
 
     root = tmp_path_factory.mktemp("robust_runs")
     scene = make_scene(root / "scene", image_size=32, n_train=20, n_val=2, n_test=2)
@@ -196,4 +196,4 @@ def test_saved_config_records_resolved_backend(runs: Runs) -> None:
     """config.yml is rewritten after setup, so it records the backend actually built, not 'auto'."""
     text = (runs.run_dir("A") / "config.yml").read_text()
     assert "backend: torch" in text and "backend: auto" not in text
-    assert "certsdf_ns.trainer.CertSDFTrainerConfig" in text
+    assert "certsdf_ns.training.trainer.CertSDFTrainerConfig" in text

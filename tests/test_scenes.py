@@ -1,4 +1,4 @@
-"""Tests of certsdf_ns.scenes: Blender-format layout, camera convention, gt mesh, CLI."""
+"""Tests of certsdf_ns.data.scenes: Blender-format layout, camera convention, gt mesh, CLI."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import trimesh
 from PIL import Image
 
-from certsdf_ns.scenes import (
+from certsdf_ns.data.scenes import (
     CAMERA_ANGLE_X,
     Shader,
     fitting_radius,
@@ -226,7 +226,7 @@ def test_full_cube_stays_in_view() -> None:
 def test_cli_bad_mesh_exits_2_without_traceback(tmp_path: Path) -> None:
     missing = tmp_path / "does_not_exist.obj"
     proc = subprocess.run(
-        [sys.executable, "-m", "certsdf_ns.scenes", str(tmp_path / "out"), "--mesh", str(missing)],
+        [sys.executable, "-m", "certsdf_ns.data.scenes", str(tmp_path / "out"), "--mesh", str(missing)],
         capture_output=True, text=True, env=_cli_env(), timeout=120,
     )
     assert proc.returncode == 2
@@ -239,7 +239,7 @@ def test_cli_writes_small_scene(tmp_path: Path) -> None:
     out = tmp_path / "cli_scene"
     args = ["--image-size", "16", "--n-train", "2", "--n-val", "1", "--n-test", "1", "--seed", "5"]
     proc = subprocess.run(
-        [sys.executable, "-m", "certsdf_ns.scenes", str(out), *args],
+        [sys.executable, "-m", "certsdf_ns.data.scenes", str(out), *args],
         capture_output=True, text=True, env=_cli_env(), timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

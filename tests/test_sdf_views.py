@@ -13,10 +13,10 @@ import torch
 import trimesh
 
 from certsdf_ns.certified import CertifiedSDFGrid
-from certsdf_ns.sdf_views import (
-    diverging_colours,
-    extract_mesh,
-    ray_sdf_outputs,
+from certsdf_ns.bench.certify import smoothed_surface
+from certsdf_ns.export.mesh import NoSurfaceError, extract_mesh
+from certsdf_ns.method.sdf_outputs import diverging_colours, ray_sdf_outputs
+from certsdf_ns.viewer.sdf_views import (
     sdf_slice,
     sdf_slice_image,
     slice_plane,
@@ -104,9 +104,11 @@ def test_slice_image_colours(ball):
 
 
 def test_mesh_is_close_to_the_analytic_sphere(ball):
-    vertices, faces = extract_mesh(ball.sdf_grid(), ball.aabb)
+    """The viewer's Extract-mesh (the one extractor, on the node SDF itself)."""
+    mesh = extract_mesh(ball, resolution=0)
+    vertices, faces = mesh.vertices, mesh.faces
     assert len(vertices) > 500 and len(faces) > 1000
-    assert vertices.dtype == np.float32 and faces.dtype == np.int32
+    assert np.isfinite(vertices).all() and faces.min() >= 0 and faces.max() < len(vertices)
     radii = np.linalg.norm(vertices - CENTRE.numpy(), axis=1)
     assert np.abs(radii - RADIUS).max() < voxel(ball)
     assert abs(radii.mean() - RADIUS) < 0.5 * voxel(ball)
@@ -116,18 +118,29 @@ def test_mesh_is_close_to_the_analytic_sphere(ball):
     assert abs(mesh.volume / (4 / 3 * np.pi * RADIUS**3) - 1) < 0.1
 
 
+def test_smoothed_occupancy_level_set_faces_outward_too(ball):
+    """The same extractor on p̂ = ½ (which grows inwards, unlike the SDF): still outward faces,
+    on the same surface as the SDF's zero set."""
+    mesh = smoothed_surface(ball)
+    assert mesh.is_watertight and mesh.volume > 0
+    outward = np.einsum("ij,ij->i", mesh.face_normals, mesh.triangles_center - CENTRE.numpy())
+    assert (outward > 0).all()
+    radii = np.linalg.norm(mesh.vertices - CENTRE.numpy(), axis=1)
+    assert np.abs(radii - RADIUS).max() < voxel(ball)
+
+
 def test_mesh_vertices_are_in_world_coordinates_for_a_non_cubic_box():
     grid = CertifiedSDFGrid((40, 30, 20), aabb=((-2.0, -1.0, 0.0), (2.0, 2.0, 1.0)), sigma=0.1)
     centre = torch.tensor([0.5, 0.5, 0.5])
     grid.set_occupancy(((grid.grid_points() - centre).norm(dim=-1) <= 0.3).float())
-    vertices, _ = extract_mesh(grid.sdf_grid(), grid.aabb)
+    vertices = extract_mesh(grid, resolution=0).vertices
     assert np.allclose(vertices.mean(axis=0), centre.numpy(), atol=0.05)
 
 
-def test_mesh_of_an_empty_grid_is_empty():
+def test_mesh_of_an_empty_grid_is_refused():
     grid = CertifiedSDFGrid(16, sigma=0.1, init_logit=-10.0)
-    vertices, faces = extract_mesh(grid.sdf_grid(), grid.aabb)
-    assert vertices.shape == (0, 3) and faces.shape == (0, 3)
+    with pytest.raises(NoSurfaceError, match="no surface"):
+        extract_mesh(grid, resolution=0)
 
 
 def test_ray_outputs_min_and_outline():

@@ -41,7 +41,7 @@ def test_learned_geometry_is_a_surface_not_fog(trained_run: TrainedRun) -> None:
     """
     from nerfstudio.utils.eval_utils import eval_setup
 
-    from certsdf_ns.diagnostics import surface_report
+    from certsdf_ns.export.diagnostics import surface_report
 
     _, pipeline, _, _ = eval_setup(trained_run.config, test_mode="inference")
     report = surface_report(pipeline.model.field, trained_run.scene / "gt_mesh.ply", alpha_threshold=0.01)

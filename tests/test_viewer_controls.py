@@ -1,7 +1,7 @@
 """certsdf's viewer panel, driven in-process against a real viser server (no browser).
 
 The elements are discovered and installed exactly as nerfstudio's Viewer does
-(``parse_object`` on the model, ``element.install(server)``, ``ViewerControl._setup``);
+(``parse_object`` on the pipeline, ``element.install(server)``, ``ViewerControl._setup``);
 user input is emulated the way viser delivers it (set the handle's value, run the hook).
 The browser test (test_viewer_browser.py) covers the real client end to end.
 """
@@ -21,8 +21,9 @@ from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.viewer.utils import parse_object
 from nerfstudio.viewer.viewer_elements import ViewerControl, ViewerElement
 
-from certsdf_ns.certsdf_model import CertSDFModelConfig, annealed
-from certsdf_ns.sdf_views import extract_mesh
+from certsdf_ns.export.mesh import extract_mesh
+from certsdf_ns.method.model import CertSDFModelConfig, SampleBudget, annealed
+from certsdf_ns.viewer.controls import CertSDFViewerControls
 
 CENTRE = torch.tensor([0.1, 0.0, -0.1])
 
@@ -36,6 +37,30 @@ def make_model():
     geometry = model.field.geometry
     geometry.set_occupancy(((geometry.grid_points() - CENTRE).norm(dim=-1) <= 0.5).float())
     return model
+
+
+class PipelineLike(torch.nn.Module):
+    """What nerfstudio's viewer walks: the pipeline's model and the panel the pipeline owns
+    (as :class:`certsdf_ns.pipeline.CertSDFPipeline` does, without data to load)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self._model = model
+        self.viewer_controls = CertSDFViewerControls(model)
+
+    @property
+    def model(self):
+        return self._model
+
+
+def make_pipeline() -> PipelineLike:
+    return PipelineLike(make_model())
+
+
+def train_step(pipeline: PipelineLike, step: int) -> None:
+    """One training iteration's callbacks: the model's schedule before, the panel's after."""
+    pipeline.model.set_schedule_step(step)
+    pipeline.viewer_controls.after_train_step(step)
 
 
 def free_port() -> int:
@@ -57,17 +82,18 @@ class Recorder:
 
 @pytest.fixture()
 def attached():
-    model = make_model()
+    pipeline = make_pipeline()
+    model = pipeline.model
     server = viser.ViserServer(host="127.0.0.1", port=free_port(), verbose=False)
     server.scene.add_image = Recorder(server.scene.add_image)  # type: ignore[method-assign]
     server.scene.add_mesh_simple = Recorder(server.scene.add_mesh_simple)  # type: ignore[method-assign]
-    elements = parse_object(model, ViewerElement, "Custom Elements")
+    elements = parse_object(pipeline, ViewerElement, "Custom Elements")
     for _, element in elements:
         element.install(server)
-    for _, control in parse_object(model, ViewerControl, "Custom Elements"):
+    for _, control in parse_object(pipeline, ViewerControl, "Custom Elements"):
         control._setup(SimpleNamespace(viser_server=server, config=SimpleNamespace(websocket_host="127.0.0.1")))
     try:
-        yield model, model.viewer_controls, server
+        yield pipeline, pipeline.viewer_controls, server
     finally:
         server.stop()
 
@@ -83,35 +109,38 @@ def settle() -> None:
 
 
 def test_controls_are_discoverable_in_order_and_inert_without_a_viewer():
-    model = make_model()
-    elements = parse_object(model, ViewerElement, "Custom Elements")
+    pipeline = make_pipeline()
+    model = pipeline.model
+    elements = parse_object(pipeline, ViewerElement, "Custom Elements")
     labels = [e.name for _, e in elements]
     assert labels == [
         "Smoothing σ (voxels)", "Sharpness s (voxels)", "Reset σ, s to schedule", "Show SDF slice", "Slice axis",
         "Slice offset", "Extract mesh", "Show mesh", "Fast preview while moving", "certsdf",
     ]  # fmt: skip
-    # (the Viewer parses the pipeline, so its folders read "Custom Elements / model / viewer_controls")
+    # the pipeline owns the panel: its folder reads "Custom Elements / viewer_controls"
     assert {p.rsplit("/", 1)[0] for p, _ in elements} == {"Custom Elements/viewer_controls"}
-    assert len(parse_object(model, ViewerControl, "Custom Elements")) == 1
+    assert len(parse_object(pipeline, ViewerControl, "Custom Elements")) == 1
+    assert parse_object(model, ViewerElement, "Custom Elements") == []  # the model holds no viewer element
     # No viewer (ns-eval, ns-export): hooks and training steps run and touch nothing.
-    controls = model.viewer_controls
+    controls = pipeline.viewer_controls
     controls.c3_slice_show.value = True
     for element in (controls.c3_slice_show, controls.c6_mesh_extract, controls.c2_reset):
         element.cb_hook(element)
     model.train()
-    model.set_schedule_step(50)
+    train_step(pipeline, 50)
     assert model.field.geometry.sigma == pytest.approx(annealed(3.0, 1.0, 50, 100) * model.voxel)
     assert controls.c0_sigma.value == pytest.approx(annealed(3.0, 1.0, 50, 100))  # default follows the schedule
     # the controls add nothing to checkpoints
-    assert not any(k.startswith("viewer_controls") for k in model.state_dict())
+    assert not any("viewer_controls" in k for k in pipeline.state_dict())
 
 
 def test_sigma_slider_overrides_the_schedule_until_reset(attached):
-    model, controls, _ = attached
+    pipeline, controls, _ = attached
+    model = pipeline.model
     model.train()
-    model.set_schedule_step(10)
+    train_step(pipeline, 10)
     settle()  # the schedule moved the slider: that echo must not count as a user override
-    assert controls._sigma_override is None
+    assert not model.smoothing_overridden
     assert controls.c0_sigma.value == pytest.approx(annealed(3.0, 1.0, 10, 100), abs=0.03)
 
     before = model.field.geometry.sdf_grid().clone()
@@ -123,7 +152,7 @@ def test_sigma_slider_overrides_the_schedule_until_reset(attached):
 
     user_sets(controls.c1_sharpness, 2.0)
     for step in (11, 50, 99):  # training goes on with the user's σ and s
-        model.set_schedule_step(step)
+        train_step(pipeline, step)
         assert model.field.geometry.sigma == pytest.approx(4.0 * model.voxel)
         assert model.field.sharpness == pytest.approx(2.0 * model.voxel)
     assert "override" in controls.c9_status.value
@@ -133,13 +162,14 @@ def test_sigma_slider_overrides_the_schedule_until_reset(attached):
     assert model.field.geometry.sigma == pytest.approx(annealed(3.0, 1.0, 99, 100) * model.voxel)
     assert model.field.sharpness == pytest.approx(annealed(1.0, 0.5, 99, 100) * model.voxel)
     assert controls.c0_sigma.value == pytest.approx(annealed(3.0, 1.0, 99, 100), abs=0.03)
-    assert controls._sigma_override is None and controls._sharpness_override is None
-    model.set_schedule_step(100)
+    assert not model.smoothing_overridden
+    train_step(pipeline, 100)
     assert model.field.geometry.sigma == pytest.approx(1.0 * model.voxel)
 
 
 def test_slice_plane_is_drawn_in_viser_units_and_follows_training(attached):
-    model, controls, server = attached
+    pipeline, controls, server = attached
+    model = pipeline.model
     add_image = server.scene.add_image
     user_sets(controls.c4_slice_axis, "x")
     user_sets(controls.c5_slice_offset, 0.5)
@@ -155,9 +185,9 @@ def test_slice_plane_is_drawn_in_viser_units_and_follows_training(attached):
 
     model.train()
     n = len(add_image.calls)
-    model.set_schedule_step(51)
+    train_step(pipeline, 51)
     assert len(add_image.calls) == n  # not a redraw step
-    model.set_schedule_step(100)
+    train_step(pipeline, 100)
     assert len(add_image.calls) == n + 1  # redrawn while training
 
     user_sets(controls.c3_slice_show, False)
@@ -165,11 +195,13 @@ def test_slice_plane_is_drawn_in_viser_units_and_follows_training(attached):
 
 
 def test_extract_mesh_adds_the_zero_level_set_to_the_scene(attached):
-    model, controls, server = attached
-    model.set_schedule_step(100)  # σ = 1 voxel: the smoothed level stays within a voxel of the ball
+    pipeline, controls, server = attached
+    model = pipeline.model
+    train_step(pipeline, 100)  # σ = 1 voxel: the smoothed level stays within a voxel of the ball
     controls.c6_mesh_extract.cb_hook(controls.c6_mesh_extract)
     (name,), kw = server.scene.add_mesh_simple.calls[-1]
-    expected_vertices, expected_faces = extract_mesh(model.field.geometry.sdf_grid(), model.field.geometry.aabb)
+    expected = extract_mesh(model.field.geometry, resolution=0)  # the one extractor, on the node SDF
+    expected_vertices, expected_faces = expected.vertices, expected.faces
     assert name == "/certsdf/mesh"
     assert np.allclose(kw["vertices"], expected_vertices * 10.0)  # viser units = world ×10
     assert np.array_equal(kw["faces"], expected_faces) and len(expected_faces) > 100
@@ -203,19 +235,20 @@ def run_in_render_thread(fn, state: str):
 
 
 def test_fast_preview_only_for_the_moving_camera_render(attached):
-    model, controls, _ = attached
-    full = (64, 32, 8)
-    assert controls.sample_budget(*full) == full  # training / eval thread
-    assert run_in_render_thread(lambda: controls.sample_budget(*full), "low_move") == (32, 16, 3)
-    assert run_in_render_thread(lambda: controls.sample_budget(*full), "high") == full
+    pipeline, controls, _ = attached
+    model = pipeline.model
+    full = SampleBudget(64, 32, 8)
+    assert model.sample_budget() == full  # the configured budget, through the panel's hook
+    assert run_in_render_thread(model.sample_budget, "low_move") == SampleBudget(32, 16, 3)
+    assert run_in_render_thread(model.sample_budget, "high") == full
     user_sets(controls.c8_fast_preview, False)
-    assert run_in_render_thread(lambda: controls.sample_budget(*full), "low_move") == full
+    assert run_in_render_thread(model.sample_budget, "low_move") == full
     user_sets(controls.c8_fast_preview, True)
 
     # a real render through the model in the preview: fewer samples, same outputs
     from nerfstudio.cameras.cameras import Cameras
 
-    from certsdf_ns.scenes import look_at_origin
+    from certsdf_ns.data.scenes import look_at_origin
 
     c2w = torch.tensor(look_at_origin(np.array([0.0, -3.0, 0.5]))[:3, :4], dtype=torch.float32)
     camera = Cameras(fx=20.0, fy=20.0, cx=12.0, cy=12.0, width=24, height=24, camera_to_worlds=c2w[None])
@@ -230,9 +263,9 @@ def test_fast_preview_only_for_the_moving_camera_render(attached):
 
 
 def test_warns_when_the_viewer_listens_beyond_localhost(capsys):
-    model = make_model()
+    pipeline = make_pipeline()
     server = SimpleNamespace(on_client_connect=lambda cb: cb)
-    model.viewer_controls.viewer_control._setup(
+    pipeline.viewer_controls.viewer_control._setup(
         SimpleNamespace(viser_server=server, config=SimpleNamespace(websocket_host="0.0.0.0"))
     )
     out = capsys.readouterr().out

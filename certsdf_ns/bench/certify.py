@@ -26,6 +26,8 @@ import torch
 import trimesh
 from scipy.spatial import cKDTree
 
+from certsdf_ns.export.mesh import NoSurfaceError, level_set_mesh
+
 
 @dataclass
 class CertificateReport:
@@ -52,14 +54,12 @@ class CertificateReport:
 
 def smoothed_surface(geometry) -> trimesh.Trimesh:
     """{p̂ = ½} from the exact node values, by marching cubes at the grid resolution (world frame)."""
-    import mcubes
-
     p_hat = geometry.smoothed_occupancy_grid().detach().cpu().double().numpy()
-    if not (p_hat.min() < 0.5 < p_hat.max()):
+    origin = geometry.aabb[0].cpu().double().numpy()
+    try:
+        return level_set_mesh(p_hat, origin, geometry.voxel_size.cpu().double().numpy(), 0.5, outside="below")
+    except NoSurfaceError:
         return trimesh.Trimesh()
-    vertices, faces = mcubes.marching_cubes(p_hat, 0.5)
-    lo = geometry.aabb[0].cpu().double().numpy()
-    return trimesh.Trimesh(lo + vertices * geometry.voxel_size.cpu().double().numpy(), faces, process=False)
 
 
 @torch.no_grad()

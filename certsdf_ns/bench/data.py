@@ -58,7 +58,7 @@ def resolve_scene(name: str, opts: SceneOptions) -> Scene:
     if mesh_file is not None or name == "demo":
         out = Path(opts.scene_dir) / f"{name}_{opts.mesh_image_size}px"
         if not (out / "gt_mesh.ply").exists():
-            from certsdf_ns.scenes import load_and_normalise_mesh, make_scene
+            from certsdf_ns.data.scenes import load_and_normalise_mesh, make_scene
 
             CONSOLE.print(f"[certsdf-bench] rendering scene {name} into {out} ...")
             mesh = load_and_normalise_mesh(mesh_file) if mesh_file is not None else None

@@ -1,7 +1,7 @@
 """Meshes along the training curve and their distance to the ground truth.
 
 - certsdf: marching cubes on the certified SDF at its zero level, with the extraction of
-  `certsdf-export` (:func:`certsdf_ns.mesh_export.extract_mesh`), in the scene frame.
+  `certsdf-export` (:func:`certsdf_ns.export.mesh.extract_mesh`), in the scene frame.
 - nerfacto (or any peer with a depth output): nerfstudio's own `ns-export tsdf` and
   `ns-export poisson`, launched through :mod:`certsdf_ns.bench.peer_export` (LPIPS stub, chosen
   checkpoint) in a subprocess with a time limit, since on CPU they render thousands of rays
@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import trimesh
 
-from certsdf_ns.geometry_eval import evaluate_mesh
+from certsdf_ns.export.geometry_eval import evaluate_mesh
+from certsdf_ns.export.mesh import NoSurfaceError, extract_mesh
 
 
 @dataclass
@@ -52,34 +53,12 @@ class MeshResult:
 
 @torch.no_grad()
 def certsdf_grid_mesh(field_module, resolution: int = 256) -> trimesh.Trimesh:
-    """Zero level set of a certsdf field's certified SDF, in world (scene) coordinates.
-
-    Uses `certsdf_ns.mesh_export.extract_mesh` (what `certsdf-export` writes, at its default
-    256³ lattice) when that module is installed; otherwise marching cubes on the node SDF.
-    An SDF without a zero crossing gives an empty mesh (scored as 'empty').
-    """
-    geometry = field_module.geometry
+    """Zero level set of a certsdf field's certified SDF, in world (scene) coordinates: what
+    `certsdf-export` writes at the same lattice. No zero crossing gives an empty mesh (scored 'empty')."""
     try:
-        from certsdf_ns.mesh_export import NoSurfaceError, extract_mesh
-    except ImportError:
-        return _node_grid_mesh(geometry)
-    try:
-        return extract_mesh(geometry, resolution=resolution)
+        return extract_mesh(field_module.geometry, resolution=resolution)
     except NoSurfaceError:
         return trimesh.Trimesh()
-
-
-def _node_grid_mesh(geometry) -> trimesh.Trimesh:
-    """Fallback: PyMCubes on the node SDF grid, vertices mapped to world coordinates."""
-    import mcubes
-
-    sdf = geometry.sdf_grid().detach().cpu().double().numpy()
-    if not (sdf.min() < 0.0 < sdf.max()):
-        return trimesh.Trimesh()  # no zero crossing: nothing to mesh
-    vertices, faces = mcubes.marching_cubes(sdf, 0.0)
-    lo = geometry.aabb[0].cpu().double().numpy()
-    vertices = lo + vertices * geometry.voxel_size.cpu().double().numpy()
-    return trimesh.Trimesh(vertices, faces, process=False)
 
 
 def score_mesh(result: MeshResult, mesh: trimesh.Trimesh, gt: trimesh.Trimesh, n_points: int) -> MeshResult:

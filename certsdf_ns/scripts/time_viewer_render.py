@@ -21,7 +21,8 @@ from nerfstudio.viewer.render_state_machine import RenderStateMachine
 
 config, pipeline, _, step = eval_setup(Path(sys.argv[1]), test_mode="test")
 model = pipeline.model.eval()
-model.viewer_controls.viewer_control.viser_server = object()  # as if a viewer were attached
+pipeline.viewer_controls.viewer_control.viser_server = object()  # as if a viewer were attached
+model.set_sample_budget_hook(pipeline.viewer_controls.sample_budget)
 cams = pipeline.datamanager.train_dataset.cameras
 c2w = cams.camera_to_worlds[0]
 fov = float(2 * math.atan(float(cams.cy[0]) / float(cams.fy[0])))
@@ -38,7 +39,7 @@ def in_thread(fn, state):
 def render(h, w, state):
     cam = get_camera(CameraState(fov=fov, aspect=w / h, c2w=c2w, camera_type=CameraType.PERSPECTIVE), h, w)
     def go():
-        t, c = time.perf_counter(), time.thread_time()
+        t = time.perf_counter()
         with torch.no_grad(), viewer_utils.SetTrace(lambda f, e, a: None):
             out = model.get_outputs_for_camera(cam)
         return time.perf_counter() - t, out

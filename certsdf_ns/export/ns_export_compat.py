@@ -23,7 +23,7 @@ The pruning is exact for a 1-Lipschitz SDF such as certsdf's: a sample whose par
 and no grid edge can change sign there, so the mesh is the one a dense 512³ evaluation
 would give.
 
-Applied by :func:`patch_loaded_exporter` from :mod:`certsdf_ns.certsdf_model`, i.e. when
+Applied by :func:`patch_loaded_exporter` from :mod:`certsdf_ns.method.model`, i.e. when
 ns-export loads a certsdf ``config.yml``; a no-op unless nerfstudio's exporter is already
 imported, so training never pays for it. Call :func:`apply` to patch explicitly.
 """

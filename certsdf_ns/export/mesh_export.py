@@ -38,16 +38,14 @@ import numpy as np
 import torch
 import trimesh
 import tyro
+import yaml
 from jaxtyping import Float
-from torch import Tensor
+from rich.table import Table
 
-from certsdf_ns.certified import CertifiedSDFGrid
+from certsdf_ns.console import CONSOLE
+from certsdf_ns.export.mesh import NoSurfaceError, check_lattice_args, extract_mesh
 
 MESH_NAME = "certsdf_mesh"
-
-
-class NoSurfaceError(RuntimeError):
-    """The certified SDF does not change sign in the box: there is nothing to mesh."""
 
 
 @dataclass
@@ -73,73 +71,6 @@ class MeshExportConfig:
 
 
 # --------------------------------------------------------------------------- extraction
-
-
-def check_lattice_args(resolution: int, upsample: int) -> None:
-    """ValueError unless resolution is 0 or >= 2, upsample >= 1, and upsample is only used with 0."""
-    if resolution < 0 or resolution == 1 or upsample < 1:
-        raise ValueError(f"need --resolution 0 or >= 2 and --upsample >= 1, got {resolution} and {upsample}")
-    if resolution > 0 and upsample != 1:
-        raise ValueError("--upsample refines the node grid and applies to --resolution 0 only")
-
-
-def lattice_coordinates(resolution: int, upsample: int, grid_resolution: Sequence[int]) -> list[Tensor]:
-    """Per-axis sample positions in node-index units (0 … R−1) of the occupancy grid."""
-    check_lattice_args(resolution, upsample)
-    counts = [(r - 1) * upsample + 1 if resolution == 0 else resolution for r in grid_resolution]
-    return [torch.linspace(0.0, float(r - 1), n, dtype=torch.float64) for r, n in zip(grid_resolution, counts)]
-
-
-def interpolation_matrix(u: Tensor, num_nodes: int) -> Float[Tensor, "M R"]:
-    """Linear interpolation along one axis as a matrix: row m holds 1 − t and t at the two
-    nodes around the fractional node index u[m]."""
-    i0 = u.floor().long().clamp(0, num_nodes - 2)
-    t = (u - i0).float()
-    rows = torch.arange(len(u))
-    w = torch.zeros(len(u), num_nodes)
-    w[rows, i0] = 1.0 - t
-    w[rows, i0 + 1] = t
-    return w
-
-
-@torch.no_grad()
-def sample_sdf_lattice(geometry: CertifiedSDFGrid, coords: Sequence[Tensor]) -> Float[Tensor, "X Y Z"]:
-    """Trilinear SDF on the lattice coords[0] × coords[1] × coords[2] (node-index units).
-
-    Trilinear interpolation is a tensor product of 1-D linear interpolations, so on an
-    axis-aligned lattice it is three matrix products (as in the smoothing), ~20x faster on
-    CPU than grid_sample per point; the values are those of ``geometry.sdf(x)``.
-    """
-    grid = geometry.sdf_grid().detach().cpu().float()
-    wx, wy, wz = (interpolation_matrix(u, n) for u, n in zip(coords, grid.shape))
-    nx, ny, nz = grid.shape
-    volume = (wx @ grid.reshape(nx, ny * nz)).reshape(-1, ny, nz)
-    volume = torch.matmul(wy, volume)  # batched over x, acts on y
-    return torch.matmul(volume, wz.transpose(0, 1))  # acts on z
-
-
-@torch.no_grad()
-def extract_mesh(geometry: CertifiedSDFGrid, resolution: int = 256, upsample: int = 1) -> trimesh.Trimesh:
-    """Outward-oriented mesh of {sdf = 0} in the grid's world frame; NoSurfaceError if empty."""
-    import mcubes
-
-    coords = lattice_coordinates(resolution, upsample, geometry.resolution)
-    sdf = sample_sdf_lattice(geometry, coords).numpy()
-    lo, hi = float(sdf.min()), float(sdf.max())
-    if lo >= 0.0 or hi <= 0.0:
-        sign = "positive" if lo >= 0.0 else "negative"
-        where = "the occupancy grid is empty (untrained, or nothing was fitted)" if lo >= 0 else "the whole box is occupied"
-        raise NoSurfaceError(
-            f"no surface: the certified SDF is {sign} everywhere in the scene box "
-            f"(min {lo:.4g}, max {hi:.4g} over {'x'.join(str(len(c)) for c in coords)} samples): {where}."
-        )
-    vertices, faces = mcubes.marching_cubes(sdf, 0.0)
-    # Index space -> world: node i sits at aabb_min + i * voxel; lattice index j at coords[j].
-    aabb = geometry.aabb.detach().cpu().double().numpy()
-    steps = np.array([float(c[1] - c[0]) for c in coords]) * geometry.voxel_size.double().numpy()
-    vertices = aabb[0] + vertices * steps
-    # PyMCubes orients faces towards larger values; the SDF grows outwards, so flip them.
-    return trimesh.Trimesh(vertices, faces[:, ::-1], process=False)
 
 
 @torch.no_grad()
@@ -189,8 +120,6 @@ class UsageError(ValueError):
 
 def _load_pipeline(config_path: Path):
     """eval_setup without loading images, tolerant of run folders moved after training."""
-    import yaml
-
     if not config_path.is_file():
         raise UsageError(f"--load-config {config_path}: no such file (pass the config.yml of an ns-train run)")
     try:
@@ -270,10 +199,6 @@ def export(cfg: MeshExportConfig) -> dict:
 
 
 def _print_summary(summary: dict) -> None:
-    from rich.table import Table
-
-    from nerfstudio.utils.rich_utils import CONSOLE
-
     table = Table(title="certsdf-export", show_header=False)
     table.add_row("checkpoint", f"{summary['checkpoint']} (step {summary['step']})")
     table.add_row("vertices / faces", f"{summary['vertices']} / {summary['faces']}")

@@ -3,9 +3,15 @@
 nerfstudio's viewer finds GUI elements by walking the pipeline's attributes, descending only
 into ``nn.Module`` attributes (``nerfstudio.viewer.utils.parse_object``). So the controls
 live on :class:`CertSDFViewerControls`, an ``nn.Module`` with no parameters (nothing enters
-checkpoints) stored on the model as ``model.viewer_controls``; the viewer installs them
-under "Custom Elements / model / viewer_controls" and calls ``ViewerControl._setup`` on
-``viewer_control``, which hands us the viser server for scene objects.
+checkpoints) owned by the pipeline (:class:`certsdf_ns.pipeline.CertSDFPipeline`) as
+``pipeline.viewer_controls``; the viewer installs them under "Custom Elements /
+viewer_controls" and calls ``ViewerControl._setup`` on ``viewer_control``, which hands us the
+viser server for scene objects.
+
+The panel drives the model through a narrow interface and nothing else: ``set_smoothing`` /
+``reset_smoothing`` (an override of σ and s that the schedule respects until reset),
+``field.smoothing_voxels()`` to show the current values, and ``set_sample_budget_hook`` for
+the moving-camera preview. The model knows nothing of the panel.
 
 The same object exists in ``ns-eval`` / ``ns-export`` and in unit tests, where no viewer
 ever attaches: every method then leaves the scene alone (``_server()`` is None).
@@ -13,20 +19,25 @@ ever attaches: every method then leaves the scene alone (``_server()`` is None).
 Threading: the viewer runs element callbacks on viser's worker threads *inside* the
 training lock (the same lock the trainer holds for a whole iteration and the render thread
 holds while rendering), so a callback may change σ or read the grid without racing either.
-``on_schedule_step`` runs on the training thread inside that lock too.
+``after_train_step`` runs on the training thread, as a training callback.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import viser.transforms as vtf
 from torch import nn
 
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+from nerfstudio.viewer.render_state_machine import RenderStateMachine
+from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO
 from nerfstudio.viewer.viewer_elements import (
     ViewerButton,
     ViewerCheckbox,
@@ -37,10 +48,9 @@ from nerfstudio.viewer.viewer_elements import (
 )
 
 from certsdf_ns import console
-from certsdf_ns.sdf_views import AXES, extract_mesh, sdf_slice, sdf_slice_image
-
-if TYPE_CHECKING:
-    from certsdf_ns.certsdf_model import CertSDFModel
+from certsdf_ns.export.mesh import NoSurfaceError, extract_mesh
+from certsdf_ns.method.model import CertSDFModel, SampleBudget
+from certsdf_ns.viewer.sdf_views import AXES, sdf_slice, sdf_slice_image
 
 SLICE_NODE = "/certsdf/sdf_slice"
 MESH_NODE = "/certsdf/mesh"
@@ -48,7 +58,7 @@ MESH_NODE = "/certsdf/mesh"
 
 @dataclass
 class ViewerControlsConfig:
-    """Settings of certsdf's viewer panel (not exposed on the command line)."""
+    """Settings of certsdf's viewer panel (`--pipeline.viewer-panel.*`)."""
 
     slice_every: int = 50
     """While training, redraw a visible SDF slice every this many steps."""
@@ -75,11 +85,8 @@ class ViewerControlsConfig:
     default camera sits at (−0.3, 0.3, −0.3) world units, i.e. inside a unit-box scene."""
 
 
-def _viser_scale() -> float:
-    """nerfstudio draws the world ×10 in viser (cameras, crop box, clicks all use this)."""
-    from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO
-
-    return float(VISER_NERFSTUDIO_SCALE_RATIO)
+VISER_SCALE = float(VISER_NERFSTUDIO_SCALE_RATIO)
+"""nerfstudio draws the world ×10 in viser (cameras, crop box, clicks all use this)."""
 
 
 class _AttachHook(ViewerControl):
@@ -97,14 +104,12 @@ class CertSDFViewerControls(nn.Module):
     """GUI elements (attribute names are prefixed ``cN_`` because the viewer installs them in
     alphabetical order of attribute name) and the logic behind them."""
 
-    def __init__(self, model: "CertSDFModel", config: Optional[ViewerControlsConfig] = None) -> None:
+    def __init__(self, model: CertSDFModel, config: Optional[ViewerControlsConfig] = None) -> None:
         super().__init__()
-        # A weak reference: a strong one would make the model a submodule of its own child.
+        # A weak reference: a strong one would make the model a submodule of the panel, and the
+        # viewer (which walks the pipeline) would reach the model's elements twice.
         self._model = weakref.ref(model)
         self._cfg = config or ViewerControlsConfig()
-        self._step = 0
-        self._sigma_override: Optional[float] = None  # voxels; None = follow the schedule
-        self._sharpness_override: Optional[float] = None
         self._shown: Dict[str, float] = {}  # last value written to each slider by code
         self._slice_handle: Any = None
         self._mesh_handle: Any = None
@@ -176,78 +181,75 @@ class CertSDFViewerControls(nn.Module):
         # viser runs on_update callbacks for values set from Python too (asynchronously).
         return key in self._shown and abs(float(element.value) - self._shown[key]) < 1e-9
 
-    def sample_budget(self, n_coarse: int, n_fine: int, n_colour: int) -> Tuple[int, int, int]:
-        """Samples per ray for the current render: the model's own budget, except in the viewer's
-        moving-camera preview, which nerfstudio renders at low resolution and replaces with a
-        full render once the camera rests; there, frame rate matters more than detail."""
+    def sample_budget(self, configured: SampleBudget) -> SampleBudget:
+        """The model's budget hook: its own budget, except in the viewer's moving-camera preview,
+        which nerfstudio renders at low resolution and replaces with a full render once the
+        camera rests; there, frame rate matters more than detail."""
         if self._server() is None or not self.c8_fast_preview.value:
-            return n_coarse, n_fine, n_colour
-        from nerfstudio.viewer.render_state_machine import RenderStateMachine
-
+            return configured
         thread = threading.current_thread()
         if isinstance(thread, RenderStateMachine) and thread.state == "low_move":
             cfg = self._cfg
-            return (
-                min(n_coarse, cfg.preview_coarse_samples),
-                min(n_fine, cfg.preview_fine_samples),
-                min(n_colour, cfg.preview_colour_samples),
+            return SampleBudget(
+                min(configured.coarse, cfg.preview_coarse_samples),
+                min(configured.fine, cfg.preview_fine_samples),
+                min(configured.colour, cfg.preview_colour_samples),
             )
-        return n_coarse, n_fine, n_colour
+        return configured
 
     # -- σ and s ------------------------------------------------------------------------------
-    def on_schedule_step(self, step: int, sigma_voxels: float, sharpness_voxels: float) -> Tuple[float, float]:
-        """Called by the model each time σ and s are set from the step (every training
-        iteration, and once when a checkpoint is loaded). Returns the values to use:
-        the schedule's, or the user's while a slider overrides it."""
-        self._step = int(step)
-        if self._sigma_override is None:
-            self._show("sigma", self.c0_sigma, sigma_voxels)
-        if self._sharpness_override is None:
-            self._show("sharpness", self.c1_sharpness, sharpness_voxels)
-        sigma = sigma_voxels if self._sigma_override is None else self._sigma_override
-        sharpness = sharpness_voxels if self._sharpness_override is None else self._sharpness_override
-        if self._cfg.slice_every > 0 and step % self._cfg.slice_every == 0 and self._owner().training:
-            self._set_values(sigma, sharpness)  # so the slice shows this step's σ
-            self.refresh_slice()
-        return sigma, sharpness
+    def training_callbacks(self) -> List[TrainingCallback]:
+        """What the pipeline adds to the model's callbacks: follow training with the panel."""
+        return [
+            TrainingCallback(
+                where_to_run=[TrainingCallbackLocation.AFTER_TRAIN_ITERATION],
+                update_every_num_iters=1,
+                func=self.after_train_step,
+            )
+        ]
 
-    def _set_values(self, sigma_voxels: float, sharpness_voxels: float) -> None:
-        model = self._owner()
-        model.field.geometry.sigma = sigma_voxels * model.voxel
-        model.field.sharpness = sharpness_voxels * model.voxel
+    def after_train_step(self, step: int) -> None:
+        """Show the σ and s the model trains with; redraw a visible slice every few steps."""
+        self.show_smoothing()
+        if self._cfg.slice_every > 0 and step % self._cfg.slice_every == 0:
+            self.refresh_slice()
+
+    def show_smoothing(self) -> None:
+        """Move the sliders to the model's current σ and s (the schedule's, or the override)."""
+        sigma, sharpness = self._owner().field.smoothing_voxels()
+        self._show("sigma", self.c0_sigma, sigma)
+        self._show("sharpness", self.c1_sharpness, sharpness)
 
     def _describe(self) -> str:
         model = self._owner()
-        sigma = model.field.geometry.sigma / model.voxel
-        sharp = model.field.sharpness / model.voxel
-        mode = "schedule" if self._sigma_override is None and self._sharpness_override is None else "override"
-        return f"σ={sigma:.2f} vox, s={sharp:.2f} vox ({mode}), step {self._step}"
+        sigma, sharp = model.field.smoothing_voxels()
+        mode = "override" if model.smoothing_overridden else "schedule"
+        return f"σ={sigma:.2f} vox, s={sharp:.2f} vox ({mode}), step {model.step}"
 
     def _on_sigma(self, element: ViewerSlider) -> None:
         if self._is_echo("sigma", element):
             return
-        self._sigma_override = float(element.value)
-        self._shown["sigma"] = self._sigma_override
-        model = self._owner()
-        model.field.geometry.sigma = self._sigma_override * model.voxel
-        console.log(f"viewer: σ set to {self._sigma_override:.2f} voxels (schedule overridden)")
+        value = float(element.value)
+        self._shown["sigma"] = value
+        self._owner().set_smoothing(sigma_voxels=value)
+        console.log(f"viewer: σ set to {value:.2f} voxels (schedule overridden)")
         self._set_status(self._describe())
         self.refresh_slice()
 
     def _on_sharpness(self, element: ViewerSlider) -> None:
         if self._is_echo("sharpness", element):
             return
-        self._sharpness_override = float(element.value)
-        self._shown["sharpness"] = self._sharpness_override
-        model = self._owner()
-        model.field.sharpness = self._sharpness_override * model.voxel
-        console.log(f"viewer: sharpness set to {self._sharpness_override:.2f} voxels (schedule overridden)")
+        value = float(element.value)
+        self._shown["sharpness"] = value
+        self._owner().set_smoothing(sharpness_voxels=value)
+        console.log(f"viewer: sharpness set to {value:.2f} voxels (schedule overridden)")
         self._set_status(self._describe())
 
     def _on_reset(self, _: ViewerButton) -> None:
-        self._sigma_override = self._sharpness_override = None
-        self._owner().set_schedule_step(self._step)  # applies the schedule and moves the sliders back
-        console.log(f"viewer: σ and s follow the schedule again (step {self._step})")
+        model = self._owner()
+        model.reset_smoothing()
+        self.show_smoothing()
+        console.log(f"viewer: σ and s follow the schedule again (step {model.step})")
         self._set_status(self._describe())
         self.refresh_slice()
 
@@ -264,13 +266,11 @@ class CertSDFViewerControls(nn.Module):
             if self._slice_handle is not None:
                 self._slice_handle.visible = False
             return
-        import viser.transforms as vtf
-
         geometry = self._owner().field.geometry
         axis = AXES.index(self.c4_slice_axis.value)
         values, plane = sdf_slice(geometry, axis, float(self.c5_slice_offset.value), self._cfg.slice_pixels)
         image = sdf_slice_image(values, geometry.max_distance, iso_step=geometry.sigma)
-        scale = _viser_scale()
+        scale = VISER_SCALE
         self._slice_handle = server.scene.add_image(
             SLICE_NODE,
             image,
@@ -293,9 +293,10 @@ class CertSDFViewerControls(nn.Module):
         server = self._server()
         if server is None:
             return
-        geometry = self._owner().field.geometry
-        vertices, faces = extract_mesh(geometry.sdf_grid().detach(), geometry.aabb)
-        if len(faces) == 0:
+        model = self._owner()
+        try:
+            mesh = extract_mesh(model.field.geometry, resolution=0)  # the node SDF itself: fastest
+        except NoSurfaceError:
             if self._mesh_handle is not None:
                 self._mesh_handle.remove()
                 self._mesh_handle = None
@@ -304,14 +305,14 @@ class CertSDFViewerControls(nn.Module):
             return
         self._mesh_handle = server.scene.add_mesh_simple(
             MESH_NODE,
-            vertices=vertices * _viser_scale(),
-            faces=faces,
+            vertices=np.asarray(mesh.vertices, dtype=np.float32) * VISER_SCALE,
+            faces=np.asarray(mesh.faces, dtype=np.int32),
             color=self._cfg.mesh_colour,
             side="double",  # open where the surface leaves the box
             visible=bool(self.c7_mesh_show.value),
         )
-        sigma = geometry.sigma / self._owner().voxel
-        msg = f"mesh: {len(vertices)} vertices, {len(faces)} faces (σ={sigma:.2f} vox, step {self._step})"
+        sigma, _ = model.field.smoothing_voxels()
+        msg = f"mesh: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces (σ={sigma:.2f} vox, step {model.step})"
         self._set_status(msg)
         console.log(f"viewer: {msg}")
 
@@ -321,6 +322,8 @@ class CertSDFViewerControls(nn.Module):
 
     # -- viewer attachment --------------------------------------------------------------------
     def _on_attach(self) -> None:
+        self._owner().set_sample_budget_hook(self.sample_budget)
+        self.show_smoothing()
         self._set_status(self._describe())
         panel = getattr(self.viewer_control.viewer, "control_panel", None)
         max_res = getattr(panel, "_max_res", None)  # nerfstudio 1.1.5's "Max res" slider
@@ -347,10 +350,6 @@ class CertSDFViewerControls(nn.Module):
         threading.Thread(target=self._start_view_when_ready, args=(client,), daemon=True).start()
 
     def _start_view_when_ready(self, client: Any, timeout: float = 120.0) -> None:
-        import time
-
-        import viser.transforms as vtf
-
         deadline = time.monotonic() + timeout
         while not getattr(self.viewer_control.viewer, "camera_handles", None):
             if time.monotonic() > deadline:
@@ -358,7 +357,7 @@ class CertSDFViewerControls(nn.Module):
             time.sleep(0.2)
         handles = self.viewer_control.viewer.camera_handles
         first = handles[min(handles)]
-        centre = self._owner().field.geometry.aabb.mean(dim=0).cpu().numpy() * _viser_scale()
+        centre = self._owner().field.geometry.aabb.mean(dim=0).cpu().numpy() * VISER_SCALE
         # viser cameras follow OpenCV (y down), so the image's up is −y of the camera frame.
         up = vtf.SO3(np.asarray(first.wxyz)).as_matrix() @ np.array([0.0, -1.0, 0.0])
         # A little behind the training camera: standing exactly on it puts the eye inside its

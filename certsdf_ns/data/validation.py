@@ -1,36 +1,29 @@
-"""Checks on a scene folder before training, and a clean exit for bad user input.
+"""Checks on a scene folder before training.
 
 nerfstudio's parsers assume well-formed data: a missing image or a typo in transforms.json
 surfaces as a KeyError or a PIL traceback several layers deep, sometimes after minutes of
 loading. Here every frame is checked up front and the first problem is reported as one
 paragraph naming the file and the frame.
 
-Errors are raised as :class:`CertSDFInputError`; :func:`exit_cleanly` turns them into a
-message on stderr and exit status 2 (no traceback) at the places where a CLI enters certsdf
-code. ``CERTSDF_DEBUG=1`` re-raises them with the traceback instead.
+Errors are raised as :class:`certsdf_ns.errors.CertSDFInputError`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from jaxtyping import Float
 from PIL import Image, UnidentifiedImageError
-from rich.console import Console
-from rich.markup import escape
 from torch import Tensor
 
-from nerfstudio.utils.rich_utils import CONSOLE
-
-ERROR_CONSOLE = Console(stderr=True, highlight=False)
+from certsdf_ns.console import warn
+from certsdf_ns.errors import CertSDFInputError
 
 # |RᵀR − I| allowed in a camera rotation. JSON files written with 6+ significant digits
 # (NeRF-synthetic, ns-process-data) are orthonormal to ~1e-6; 1e-3 still accepts poses
@@ -44,29 +37,6 @@ BACKGROUND_SAMPLE_IMAGES = 8
 NERFSTUDIO_INTRINSICS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
 BACKGROUND_KEY = "certsdf_background"
 """Dataparser metadata key: fixed background colour [3] for images without alpha."""
-
-
-class CertSDFInputError(ValueError):
-    """Input that certsdf cannot use (data, config or checkpoint); the message says what to fix."""
-
-
-@contextmanager
-def exit_cleanly() -> Iterator[None]:
-    """Report a :class:`CertSDFInputError` as one paragraph on stderr and exit with status 2.
-
-    Used where nerfstudio's CLIs call into certsdf (dataparser, trainer, checkpoint loading),
-    because ns-train/ns-eval print a full traceback for any exception.
-    """
-    try:
-        yield
-    except CertSDFInputError as err:
-        if os.environ.get("CERTSDF_DEBUG", "0") not in ("", "0"):
-            raise
-        ERROR_CONSOLE.print(
-            f"[bold red]certsdf error:[/bold red] {escape(str(err))} (CERTSDF_DEBUG=1 shows the traceback.)",
-            soft_wrap=True,
-        )
-        raise SystemExit(2) from None
 
 
 @dataclass
@@ -242,18 +212,16 @@ def background_for_rgb_images(report: SplitReport) -> Float[Tensor, "3"]:
     """
     colour, uniform = estimate_background(report.image_files)
     rgb = ", ".join(f"{c:.2f}" for c in colour.tolist())
-    CONSOLE.print(
-        f"[yellow]certsdf warning: the images of {report.transforms} have no alpha channel, so training cannot "
+    warn(
+        f"the images of {report.transforms} have no alpha channel, so training cannot "
         f"use random backgrounds. Training and evaluation composite the constant background ({rgb}) estimated "
-        f"from the image borders instead.[/yellow]",
-        soft_wrap=True,
+        f"from the image borders instead."
     )
     if uniform < BACKGROUND_UNIFORM_FRACTION:
-        CONSOLE.print(
-            f"[yellow]certsdf warning: only {uniform:.0%} of the border pixels are close to that colour: the "
+        warn(
+            f"only {uniform:.0%} of the border pixels are close to that colour: the "
             "background is not uniform and will partly be modelled as geometry. Provide RGBA images (alpha 0 "
-            "on the background) for a clean surface.[/yellow]",
-            soft_wrap=True,
+            "on the background) for a clean surface."
         )
     return colour
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, List, Optional
 
-from certsdf_ns.validation import CertSDFInputError
+from certsdf_ns.certified import sigma_problems
+from certsdf_ns.errors import CertSDFInputError
 
 if TYPE_CHECKING:
-    from certsdf_ns.certsdf_model import CertSDFModelConfig
+    from certsdf_ns.method.model import CertSDFModelConfig
 
 GRID_COPIES = 28
 """float32 copies of the R³ grid alive at the peak of a training step (calibrated, see module doc)."""
@@ -27,8 +28,6 @@ BASE_BYTES = 1.0e9
 """Python, torch, nerfstudio and per-batch ray buffers at the sizes certsdf uses."""
 MIN_RESOLUTION = 8
 """Below this the grid cannot hold a closed surface with room for σ around it."""
-SUB_VOXEL_SIGMA = 0.25
-"""σ below this many voxels barely reaches the neighbouring cell (Φ(−2) ≈ 2%)."""
 FIT_MARGIN = 0.8
 """A suggested resolution keeps its estimate under this fraction of the available memory."""
 
@@ -78,21 +77,13 @@ def model_config_problems(cfg: "CertSDFModelConfig") -> List[str]:
 
 
 def sigma_warnings(cfg: "CertSDFModelConfig") -> List[str]:
-    """Legal but extreme σ: numerically fine, geometrically useless."""
-    notes = []
+    """Legal but extreme σ: numerically fine, geometrically useless (the grid's own criteria,
+    :func:`certsdf_ns.certified.sigma_problems`, in voxel units)."""
     extent = cfg.grid_resolution - 1  # the box spans R − 1 voxels per axis
+    notes = []
     for name in ("sigma_start_voxels", "sigma_voxels"):
         value = getattr(cfg, name)
-        if 0 < value < SUB_VOXEL_SIGMA:
-            notes.append(
-                f"{name}={value} is below {SUB_VOXEL_SIGMA} voxel: smoothing hardly reaches the next cell, so the "
-                "certified SDF jumps between its clamps across one voxel and carries almost no gradient."
-            )
-        elif value > extent:
-            notes.append(
-                f"{name}={value} voxels is larger than the scene box ({extent} voxels): p̂ is nearly flat and the "
-                "surface p̂ = 1/2 may vanish."
-            )
+        notes += [f"--pipeline.model.{name.replace('_', '-')} (in voxels): {p}" for p in sigma_problems(value, 1.0, extent)]
     return notes
 
 

@@ -10,7 +10,7 @@ Definitions follow the usual DTU / Occupancy Networks / MonoSDF evaluation:
   F(t) = 2PR / (P + R);
 * normal consistency = mean over both directions of |n_a . n_b(nearest)|.
 
-Distances are in the units of the meshes: in a ``certsdf_ns.scenes`` scene the object
+Distances are in the units of the meshes: in a ``certsdf_ns.data.scenes`` scene the object
 spans [-0.9, 0.9], so the default thresholds 0.01 and 0.02 are about 0.6% and 1.1% of
 its size. The two surfaces are sampled independently, so even identical meshes show a
 small sampling floor of about 0.5 * sqrt(area / n_points) in accuracy/completeness.
@@ -32,7 +32,7 @@ import numpy as np
 import trimesh
 from scipy.spatial import cKDTree
 
-from certsdf_ns.scenes import read_mesh
+from certsdf_ns.data.scenes import read_mesh
 
 
 @dataclass

@@ -20,18 +20,12 @@ from nerfstudio.data.dataparsers.base_dataparser import DataParser, DataParserCo
 from nerfstudio.data.dataparsers.blender_dataparser import Blender, BlenderDataParserConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.data.scene_box import SceneBox
-from nerfstudio.utils.rich_utils import CONSOLE
 
-from certsdf_ns.console import log
-from certsdf_ns.validation import (
-    BACKGROUND_KEY,
-    CertSDFInputError,
-    background_for_rgb_images,
-    exit_cleanly,
-    validate_split,
-)
+from certsdf_ns.console import log, warn
+from certsdf_ns.data.validation import BACKGROUND_KEY, background_for_rgb_images, validate_split
+from certsdf_ns.errors import CertSDFInputError, exit_cleanly
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "data_configs"
+PRESET_DIR = Path(__file__).resolve().parents[2] / "data_configs"
 Format = Literal["blender", "nerfstudio"]
 
 
@@ -77,9 +71,7 @@ class BlenderWithValFallback(Blender):
     def _generate_dataparser_outputs(self, split: str = "train") -> DataparserOutputs:
         if split == "val" and not (self.data / "transforms_val.json").exists():
             if not BlenderWithValFallback._warned:
-                CONSOLE.print(
-                    f"[yellow]certsdf: {self.data / 'transforms_val.json'} is missing; evaluating on the test split."
-                )
+                warn(f"{self.data / 'transforms_val.json'} is missing; evaluating on the test split.")
                 BlenderWithValFallback._warned = True
             split = "test"
         return super()._generate_dataparser_outputs(split)

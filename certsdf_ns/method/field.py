@@ -2,12 +2,13 @@
 
 Geometry is :class:`certsdf_ns.certified.CertifiedSDFGrid`; colour is an Instant-NGP-style
 field (multiresolution hash grid + small MLP on the view direction) built from nerfstudio's
-field components. How rays become pixels lives in :mod:`certsdf_ns.certsdf_model`.
+field components. How rays become pixels lives in :mod:`certsdf_ns.method.model`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from typing import Dict, Literal, Optional, Tuple
 
 import torch
@@ -21,9 +22,9 @@ from nerfstudio.field_components.mlp import MLP
 from nerfstudio.fields.base_field import Field
 from nerfstudio.utils.external import TCNN_EXISTS
 
-from certsdf_ns.certified import CertifiedSDFGrid, occupancy_to_density, sample_grid
+from certsdf_ns.certified import CertifiedSDFGrid, sdf_to_density, sample_grid
 from certsdf_ns.console import log
-from certsdf_ns.validation import CertSDFInputError, exit_cleanly
+from certsdf_ns.errors import CertSDFInputError, exit_cleanly
 
 Backend = Literal["tcnn", "torch"]
 _BACKEND_LOGGED = False
@@ -62,70 +63,104 @@ class DenseFeatureGrid(nn.Module):
         return sample_grid(self.features, x, self.aabb, padding="border")
 
 
+@dataclass
+class CertSDFFieldConfig:
+    """What is at a point: the certified geometry and the colour field. The model's config
+    inherits these fields (so they are `--pipeline.model.*` options) and hands itself to the
+    field: the defaults written here are the only ones."""
+
+    grid_resolution: int = 192
+    """Occupancy grid nodes per axis over the scene box."""
+    eps: float = 1e-5
+    """p̂ is clamped to [eps, 1−eps]: the SDF is bounded by ±σ·Φ⁻¹(1−eps)."""
+    density_scale: float = 30.0
+    """The paper's density map: density = −density_scale·ln(1 + density_eps − G)."""
+    density_eps: float = 1e-6
+    """ε inside the density logarithm (caps the density inside at density_scale·ln(1/ε))."""
+    init_logit: float = -2.0
+    """Initial occupancy logit of every voxel (sigmoid(−2) ≈ 0.12: almost empty, but visible to gradients)."""
+    # "colour" is this project's spelling; "color" appears only in names nerfstudio gives
+    # (background_color, as in every nerfstudio method). Renaming either would break saved
+    # configs and the commands in users' scripts.
+    colour_encoding: Literal["hash", "dense"] = "hash"
+    """Colour features: Instant-NGP hash grid, or a dense feature volume (faster on CPU at 128³)."""
+    hash_levels: int = 16
+    """Hash grid levels."""
+    hash_max_res: int = 1024
+    """Finest hash grid resolution."""
+    hash_log2_size: int = 19
+    """log2 of the hash table size per level."""
+    dense_resolution: int = 128
+    """Dense colour feature volume resolution (colour_encoding='dense')."""
+    dense_features: int = 8
+    """Channels of the dense colour feature volume."""
+    hidden_dim_colour: int = 64
+    """Width of the colour MLP."""
+    backend: Literal["auto", "tcnn", "torch"] = "auto"
+    """Hash grid / MLP implementation. 'auto': tinycudann on CUDA when importable, torch otherwise.
+    Resolved at construction and written into the saved config, so a checkpoint is never loaded
+    into the other backend."""
+
+
 class CertSDFField(Field):
     """Certified-SDF geometry plus an Instant-NGP colour field.
 
     Args:
         aabb: scene box [2, 3].
-        grid_resolution: occupancy grid nodes per axis.
-        sigma: smoothing σ in world units.
-        sharpness: s in G = sigmoid(−sdf/s), world units.
-        eps: p̂ clamp.
-        density_scale / density_eps: density = −scale·ln(1 + eps − G).
-        colour_encoding: "hash" (Instant-NGP) or "dense" (feature volume).
-        backend: "tcnn" or "torch" for the hash grid and MLP.
+        config: the field's settings (the model passes its own config, which extends them).
+        sigma_voxels / sharpness_voxels: the smoothing σ and the density sharpness s to start with,
+            in voxels; the model's schedule moves them through :meth:`set_smoothing_voxels`.
     """
 
     def __init__(
-        self,
-        aabb: Float[Tensor, "2 3"],
-        grid_resolution: int = 128,
-        sigma: float = 0.035,
-        sharpness: float = 0.012,
-        eps: float = 1e-5,
-        init_logit: float = -2.0,
-        density_scale: float = 30.0,
-        density_eps: float = 1e-6,
-        colour_encoding: Literal["hash", "dense"] = "hash",
-        hash_levels: int = 16,
-        hash_max_res: int = 1024,
-        hash_log2_size: int = 19,
-        dense_resolution: int = 128,
-        dense_features: int = 8,
-        hidden_dim_colour: int = 64,
-        backend: Backend = "torch",
+        self, aabb: Float[Tensor, "2 3"], config: CertSDFFieldConfig, sigma_voxels: float, sharpness_voxels: float
     ) -> None:
         super().__init__()
         self.register_buffer("aabb", aabb.clone().float())
-        self.geometry = CertifiedSDFGrid(grid_resolution, aabb, sigma=sigma, eps=eps, init_logit=init_logit)
-        self.sharpness = float(sharpness)
-        self.density_scale = float(density_scale)
-        self.density_eps = float(density_eps)
+        self.voxel = float(((self.aabb[1] - self.aabb[0]) / (config.grid_resolution - 1)).min())
+        """Edge of a grid cell (world units): the unit of σ and s at every boundary (config, viewer, logs)."""
+        self.geometry = CertifiedSDFGrid(
+            config.grid_resolution, aabb, sigma=sigma_voxels * self.voxel, eps=config.eps, init_logit=config.init_logit
+        )
+        self.sharpness = sharpness_voxels * self.voxel
+        self.density_scale = float(config.density_scale)
+        self.density_eps = float(config.density_eps)
         # nerfstudio silently builds torch modules when "tcnn" is asked for without tinycudann:
         # record what is really built, since that decides the parameter layout.
-        self.backend: Backend = "tcnn" if backend == "tcnn" and TCNN_EXISTS else "torch"
-        self.colour_encoding_kind = colour_encoding
-        if colour_encoding == "hash":
+        requested = pick_backend(config.backend)
+        self.backend: Backend = "tcnn" if requested == "tcnn" and TCNN_EXISTS else "torch"
+        self.colour_encoding_kind = config.colour_encoding
+        if config.colour_encoding == "hash":
             self.position_encoding: nn.Module = HashEncoding(
-                num_levels=hash_levels,
+                num_levels=config.hash_levels,
                 min_res=16,
-                max_res=hash_max_res,
-                log2_hashmap_size=hash_log2_size,
+                max_res=config.hash_max_res,
+                log2_hashmap_size=config.hash_log2_size,
                 features_per_level=2,
-                implementation=backend,
+                implementation=self.backend,
             )
         else:
-            self.position_encoding = DenseFeatureGrid(self.aabb, dense_resolution, dense_features)
-        self.direction_encoding = SHEncoding(levels=4, implementation=backend)
+            self.position_encoding = DenseFeatureGrid(self.aabb, config.dense_resolution, config.dense_features)
+        self.direction_encoding = SHEncoding(levels=4, implementation=self.backend)
         self.colour_mlp = MLP(
             in_dim=self.position_encoding.get_out_dim() + self.direction_encoding.get_out_dim(),
             num_layers=2,
-            layer_width=hidden_dim_colour,
+            layer_width=config.hidden_dim_colour,
             out_dim=3,
             activation=nn.ReLU(),
             out_activation=nn.Sigmoid(),
-            implementation=backend,
+            implementation=self.backend,
         )
+
+    # -- smoothing: the one place σ and s are written, and converted from voxels ----------
+    def set_smoothing_voxels(self, sigma_voxels: float, sharpness_voxels: float) -> None:
+        """Set σ (re-smooths the grid when it changes) and s, both given in voxels."""
+        self.geometry.sigma = sigma_voxels * self.voxel
+        self.sharpness = sharpness_voxels * self.voxel
+
+    def smoothing_voxels(self) -> Tuple[float, float]:
+        """The current (σ, s) in voxels."""
+        return self.geometry.sigma / self.voxel, self.sharpness / self.voxel
 
     # -- checkpoint guard ----------------------------------------------------------
     def get_extra_state(self) -> Dict[str, str]:
@@ -146,7 +181,7 @@ class CertSDFField(Field):
 
     # -- geometry ------------------------------------------------------------------
     def density_from_sdf(self, sdf: Tensor) -> Tensor:
-        return occupancy_to_density(sdf, self.sharpness, self.density_scale, self.density_eps)
+        return sdf_to_density(sdf, self.sharpness, self.density_scale, self.density_eps)
 
     def sdf_at(self, x: Float[Tensor, "N 3"], sdf_grid: Optional[Tensor] = None) -> Float[Tensor, "N"]:
         return self.geometry.sdf(x, sdf_grid)

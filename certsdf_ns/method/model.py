@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Tuple, Type
+from typing import Callable, Dict, List, Literal, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Parameter
+from torchmetrics.functional import structural_similarity_index_measure
+from torchmetrics.image import PeakSignalNoiseRatio
 
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
@@ -27,18 +29,23 @@ from nerfstudio.models.base_model import Model, ModelConfig
 from nerfstudio.utils import colormaps
 from nerfstudio.utils.colors import get_color
 
-from certsdf_ns import ns_export_compat
 from certsdf_ns.certified import sample_grid
-from certsdf_ns.certsdf_field import CertSDFField, pick_backend
 from certsdf_ns.console import log
-from certsdf_ns.sdf_views import ray_sdf_outputs
-from certsdf_ns.validation import BACKGROUND_KEY
-from certsdf_ns.viewer_controls import CertSDFViewerControls
+from certsdf_ns.data.validation import BACKGROUND_KEY
+from certsdf_ns.method.field import CertSDFField, CertSDFFieldConfig
+from certsdf_ns.method.sdf_outputs import ray_sdf_outputs
 
 
-# ns-export imports this module when it loads a certsdf config.yml: make its marching cubes run
-# without CUDA (see certsdf_ns/ns_export_compat.py). A no-op outside ns-export.
-ns_export_compat.patch_loaded_exporter()
+@dataclass(frozen=True)
+class SampleBudget:
+    """Samples per ray for one render."""
+
+    coarse: int
+    """Uniform samples (density only)."""
+    fine: int
+    """PDF samples drawn from the coarse weights."""
+    colour: int
+    """At most this many samples per ray go through the colour network."""
 
 
 def annealed(start: float, end: float, step: int, steps: int) -> float:
@@ -53,14 +60,13 @@ def annealed(start: float, end: float, step: int, steps: int) -> float:
 
 
 @dataclass
-class CertSDFModelConfig(ModelConfig):
-    """Configuration of the certified-SDF model."""
+class CertSDFModelConfig(ModelConfig, CertSDFFieldConfig):
+    """Configuration of the certified-SDF model: how rays become pixels, what training optimises,
+    and (inherited from :class:`CertSDFFieldConfig`) what the field holds."""
 
     _target: Type = field(default_factory=lambda: CertSDFModel)
     enable_collider: bool = False
     """Rays are clipped to the scene box by the model's own AABB collider instead."""
-    grid_resolution: int = 192
-    """Occupancy grid nodes per axis over the scene box."""
     sigma_voxels: float = 2.0
     """Randomized-smoothing σ at the end of training, in voxels of the occupancy grid."""
     sigma_start_voxels: float = 2.0
@@ -71,32 +77,6 @@ class CertSDFModelConfig(ModelConfig):
     """s at step 0; annealed log-linearly to `sharpness_voxels` over `anneal_steps`."""
     anneal_steps: int = 1000
     """Length of the σ and s schedules."""
-    eps: float = 1e-5
-    """p̂ is clamped to [eps, 1−eps]: the SDF is bounded by ±σ·Φ⁻¹(1−eps)."""
-    density_scale: float = 30.0
-    """The paper's density map: density = −density_scale·ln(1 + density_eps − G)."""
-    density_eps: float = 1e-6
-    """ε inside the density logarithm (caps the density inside at density_scale·ln(1/ε))."""
-    init_logit: float = -2.0
-    """Initial occupancy logit of every voxel (sigmoid(−2) ≈ 0.12: almost empty, but visible to gradients)."""
-    colour_encoding: Literal["hash", "dense"] = "hash"
-    """Colour features: Instant-NGP hash grid, or a dense feature volume (faster on CPU at 128³)."""
-    hash_levels: int = 16
-    """Hash grid levels."""
-    hash_max_res: int = 1024
-    """Finest hash grid resolution."""
-    hash_log2_size: int = 19
-    """log2 of the hash table size per level."""
-    dense_resolution: int = 128
-    """Dense colour feature volume resolution (colour_encoding='dense')."""
-    dense_features: int = 8
-    """Channels of the dense colour feature volume."""
-    hidden_dim_colour: int = 64
-    """Width of the colour MLP."""
-    backend: Literal["auto", "tcnn", "torch"] = "auto"
-    """Hash grid / MLP implementation. 'auto': tinycudann on CUDA when importable, torch otherwise.
-    Resolved at construction and written into the saved config, so a checkpoint is never loaded
-    into the other backend."""
     num_coarse_samples: int = 64
     """Uniform samples per ray inside the scene box (density only: trilinear lookups)."""
     num_fine_samples: int = 32
@@ -131,7 +111,15 @@ class CertSDFModelConfig(ModelConfig):
     @property
     def sdf_field(self) -> bool:
         """Not a setting: `ns-export marching-cubes` only checks that this attribute exists. It
-        then calls `field.forward_geonetwork(x)[:, 0]`, which is the certified SDF (positive outside)."""
+        then calls `field.forward_geonetwork(x)[:, 0]`, which is the certified SDF (positive outside).
+
+        Reading it is also the moment to make that command work without CUDA: ns-export asks right
+        before it calls nerfstudio's CUDA-only multires marching cubes, so the CPU replacement is
+        installed here, only then (see certsdf_ns/export/ns_export_compat.py). Imported here, not at
+        the top: the exporters hang on the model, and importing the model has no side effect."""
+        from certsdf_ns.export import ns_export_compat
+
+        ns_export_compat.patch_loaded_exporter()
         return True
 
 
@@ -143,29 +131,13 @@ class CertSDFModel(Model):
     def populate_modules(self) -> None:
         super().populate_modules()
         cfg = self.config
-        aabb = self.scene_box.aabb.float()
-        self.voxel = float(((aabb[1] - aabb[0]) / (cfg.grid_resolution - 1)).min())
-        backend = pick_backend(cfg.backend)
-        cfg.backend = backend  # record the resolved backend in the saved config
+        self._step = 0
+        self._smoothing_override: Tuple[Optional[float], Optional[float]] = (None, None)  # voxels
+        self._budget_hook: Optional[Callable[[SampleBudget], SampleBudget]] = None
         self.field = CertSDFField(
-            aabb,
-            grid_resolution=cfg.grid_resolution,
-            sigma=cfg.sigma_start_voxels * self.voxel,
-            sharpness=cfg.sharpness_start_voxels * self.voxel,
-            eps=cfg.eps,
-            init_logit=cfg.init_logit,
-            density_scale=cfg.density_scale,
-            density_eps=cfg.density_eps,
-            colour_encoding=cfg.colour_encoding,
-            hash_levels=cfg.hash_levels,
-            hash_max_res=cfg.hash_max_res,
-            hash_log2_size=cfg.hash_log2_size,
-            dense_resolution=cfg.dense_resolution,
-            dense_features=cfg.dense_features,
-            hidden_dim_colour=cfg.hidden_dim_colour,
-            backend=backend,
+            self.scene_box.aabb.float(), cfg, cfg.sigma_start_voxels, cfg.sharpness_start_voxels
         )
-        cfg.backend = self.field.backend  # what was built: "tcnn" without tinycudann silently becomes torch
+        cfg.backend = self.field.backend  # record what was built in the saved config
         self.box_collider = AABBBoxCollider(self.scene_box)
         self.uniform_sampler = UniformSampler(num_samples=cfg.num_coarse_samples)
         self.pdf_sampler = PDFSampler(num_samples=cfg.num_fine_samples, include_original=cfg.include_coarse_samples)
@@ -180,26 +152,60 @@ class CertSDFModel(Model):
             # background into geometry; train and evaluate on that background instead.
             self.renderer_rgb = RGBRenderer(background_color=fixed_background.float())
             self.eval_background = fixed_background.float()
-        # The viewer's certsdf panel (σ/s sliders, SDF slice, mesh); inert without a viewer.
-        self.viewer_controls = CertSDFViewerControls(self)
-
-        from torchmetrics.functional import structural_similarity_index_measure
-        from torchmetrics.image import PeakSignalNoiseRatio
 
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.ssim = structural_similarity_index_measure
         self._lpips: Optional[torch.nn.Module] = None
         self._lpips_checked = False
 
-    # -- schedules -------------------------------------------------------------------
-    def set_schedule_step(self, step: int) -> None:
+    @property
+    def voxel(self) -> float:
+        """Edge of a grid cell in world units (the field's unit for σ and s)."""
+        return self.field.voxel
+
+    # -- σ and s: the schedule, and an override that the schedule respects until reset ------
+    def scheduled_smoothing(self, step: int) -> Tuple[float, float]:
+        """(σ, s) in voxels that the schedule gives at ``step``: a pure function of the step, so a
+        resumed run follows exactly the same schedule."""
         cfg = self.config
-        sigma = annealed(cfg.sigma_start_voxels, cfg.sigma_voxels, step, cfg.anneal_steps)
-        sharpness = annealed(cfg.sharpness_start_voxels, cfg.sharpness_voxels, step, cfg.anneal_steps)
-        # A viewer slider may override the schedule until the user resets it.
-        sigma, sharpness = self.viewer_controls.on_schedule_step(step, sigma, sharpness)
-        self.field.geometry.sigma = sigma * self.voxel
-        self.field.sharpness = sharpness * self.voxel
+        return (
+            annealed(cfg.sigma_start_voxels, cfg.sigma_voxels, step, cfg.anneal_steps),
+            annealed(cfg.sharpness_start_voxels, cfg.sharpness_voxels, step, cfg.anneal_steps),
+        )
+
+    def set_smoothing(self, sigma_voxels: Optional[float] = None, sharpness_voxels: Optional[float] = None) -> None:
+        """Override σ and/or s (voxels; None keeps the current choice for that one). Training goes on
+        with the override until :meth:`reset_smoothing`."""
+        sigma, sharpness = self._smoothing_override
+        self._smoothing_override = (
+            sigma if sigma_voxels is None else float(sigma_voxels),
+            sharpness if sharpness_voxels is None else float(sharpness_voxels),
+        )
+        self._apply_smoothing()
+
+    def reset_smoothing(self) -> None:
+        """Hand σ and s back to the schedule."""
+        self._smoothing_override = (None, None)
+        self._apply_smoothing()
+
+    @property
+    def smoothing_overridden(self) -> bool:
+        return self._smoothing_override != (None, None)
+
+    @property
+    def step(self) -> int:
+        """The training step σ and s were last scheduled for."""
+        return self._step
+
+    def set_schedule_step(self, step: int) -> None:
+        """Move σ and s to the schedule's values at ``step`` (overrides still win)."""
+        self._step = int(step)
+        self._apply_smoothing()
+
+    def _apply_smoothing(self) -> None:
+        scheduled = self.scheduled_smoothing(self._step)
+        sigma, sharpness = (s if o is None else o for o, s in zip(self._smoothing_override, scheduled))
+        self.field.set_smoothing_voxels(sigma, sharpness)
 
     def update_to_step(self, step: int) -> None:
         """Called by the pipeline when a checkpoint is loaded: σ and s are not parameters,
@@ -220,6 +226,17 @@ class CertSDFModel(Model):
         colour = [p for n, p in self.field.named_parameters() if not n.startswith("geometry.")]
         return {"geometry": geometry, "fields": colour}
 
+    # -- samples per ray ----------------------------------------------------------------------
+    def set_sample_budget_hook(self, hook: Optional[Callable[[SampleBudget], SampleBudget]]) -> None:
+        """``hook(configured) -> budget`` is asked before each render (e.g. the viewer lowers it while
+        the camera moves); None renders with the configured budget."""
+        self._budget_hook = hook
+
+    def sample_budget(self) -> SampleBudget:
+        cfg = self.config
+        configured = SampleBudget(cfg.num_coarse_samples, cfg.num_fine_samples, cfg.colour_samples_per_ray)
+        return configured if self._budget_hook is None else self._budget_hook(configured)
+
     # -- rendering ---------------------------------------------------------------------
     def forward(self, ray_bundle):  # type: ignore[override]
         return self.get_outputs(self.box_collider(ray_bundle))
@@ -227,15 +244,12 @@ class CertSDFModel(Model):
     def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
         field_ = self.field
         sdf_grid = field_.geometry.sdf_grid()  # once per batch; differentiable while training
-        # The configured budget, or a smaller one for the viewer's preview while the camera moves.
-        n_coarse, n_fine, n_colour = self.viewer_controls.sample_budget(
-            self.config.num_coarse_samples, self.config.num_fine_samples, self.config.colour_samples_per_ray
-        )
-        coarse = self.uniform_sampler(ray_bundle, num_samples=n_coarse)
+        budget = self.sample_budget()
+        coarse = self.uniform_sampler(ray_bundle, num_samples=budget.coarse)
         with torch.no_grad():
             coarse_density = field_.density_at(coarse.frustums.get_positions(), sdf_grid.detach())
             coarse_weights = coarse.get_weights(coarse_density)
-        samples = self.pdf_sampler(ray_bundle, coarse, coarse_weights, num_samples=n_fine)
+        samples = self.pdf_sampler(ray_bundle, coarse, coarse_weights, num_samples=budget.fine)
         positions = samples.frustums.get_positions()
         density = field_.density_at(positions, sdf_grid)
         alphas = 1.0 - torch.exp(-samples.deltas * density)
@@ -244,7 +258,7 @@ class CertSDFModel(Model):
         # Colour only where it can change the pixel: the few heaviest samples of each ray
         # (early in training, fog gives every sample some weight; the cap bounds the cost).
         w = weights[..., 0].detach()
-        top = torch.topk(w, k=min(n_colour, w.shape[-1]), dim=-1).indices
+        top = torch.topk(w, k=min(budget.colour, w.shape[-1]), dim=-1).indices
         active = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, top, True) & (w > self.config.colour_weight_threshold)
         rgb_samples = positions.new_zeros(*positions.shape[:-1], 3)
         if active.any():
@@ -301,7 +315,12 @@ class CertSDFModel(Model):
         pred = outputs["rgb"]
         if self.training and self._random_background():
             pred = pred + self.eval_background.to(pred) * (1.0 - outputs["accumulation"])
-        metrics = {"psnr": self.psnr(pred.detach(), gt), "sigma": torch.tensor(self.field.geometry.sigma)}
+        sigma_voxels, sharpness_voxels = self.field.smoothing_voxels()
+        metrics = {
+            "psnr": self.psnr(pred.detach(), gt),
+            "sigma_voxels": torch.tensor(sigma_voxels),
+            "sharpness_voxels": torch.tensor(sharpness_voxels),
+        }
         return metrics
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
@@ -346,6 +365,7 @@ class CertSDFModel(Model):
             self._lpips_checked = True
             weights = Path(torch.hub.get_dir()) / "checkpoints" / "alexnet-owt-7be5be79.pth"
             if weights.exists():
+                # Imported only here: torchmetrics' LPIPS module pulls in torchvision's model zoo.
                 from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
                 self._lpips = LearnedPerceptualImagePatchSimilarity(normalize=True).to(self.device)

@@ -37,8 +37,8 @@ from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils.decorators import check_main_thread
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from certsdf_ns.config_checks import check_model_config
-from certsdf_ns.validation import CertSDFInputError, exit_cleanly
+from certsdf_ns.training.config_checks import check_model_config
+from certsdf_ns.errors import CertSDFInputError, exit_cleanly
 
 CHECKPOINT_NAME = re.compile(r"step-(\d+)\.ckpt")
 PARTIAL_SUFFIX = ".partial"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import trimesh
 
-from certsdf_ns.certsdf_field import CertSDFField
+from certsdf_ns.method.field import CertSDFField
 
 
 @dataclass
