@@ -47,6 +47,13 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         module.__spec__ = self._real_spec  # type: ignore[assignment]
+        if module.__name__ == "certsdf_ns.method.model":
+            # A config.yml from before the split also names nerfstudio's own VanillaPipeline, which
+            # does not install the CPU marching cubes that certsdf's pipeline installs for
+            # ns-export; loading the model's old path did, so keep doing it for those runs.
+            from certsdf_ns.export import ns_export_compat
+
+            ns_export_compat.patch_loaded_exporter()
 
 
 if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):

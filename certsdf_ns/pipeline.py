@@ -1,10 +1,13 @@
-"""certsdf's pipeline: nerfstudio's VanillaPipeline, plus the viewer panel it owns.
+"""certsdf's pipeline: nerfstudio's VanillaPipeline, plus what hangs on the model.
 
-nerfstudio's viewer finds GUI elements by walking the *pipeline* (``parse_object(pipeline,
-…)``), so the panel lives here, beside the model rather than inside it: the model renders and
-trains, the panel drives it through the model's narrow interface (``set_smoothing``,
-``reset_smoothing``, ``set_sample_budget_hook``), and the pipeline adds the panel's training
-callback to the model's.
+- The viewer panel. nerfstudio's viewer finds GUI elements by walking the *pipeline*
+  (``parse_object(pipeline, …)``), so the panel lives here, beside the model rather than inside
+  it: the model renders and trains, the panel drives it through the model's narrow interface
+  (``set_smoothing``, ``reset_smoothing``, ``set_sample_budget_hook``), and the pipeline adds the
+  panel's training callback to the model's.
+- ``ns-export marching-cubes`` without CUDA. Every nerfstudio command that loads a run builds
+  this pipeline; when that command is ns-export, nerfstudio's CUDA-only multires marching cubes
+  is replaced by a CPU drop-in (:mod:`certsdf_ns.export.ns_export_compat`; a no-op otherwise).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch.cuda.amp.grad_scaler import GradScaler
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 
+from certsdf_ns.export import ns_export_compat
 from certsdf_ns.viewer.controls import CertSDFViewerControls, ViewerControlsConfig
 
 
@@ -44,6 +48,7 @@ class CertSDFPipeline(VanillaPipeline):
         grad_scaler: Optional[GradScaler] = None,
     ) -> None:
         super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
+        ns_export_compat.patch_loaded_exporter()
         self.viewer_controls = CertSDFViewerControls(self.model, config.viewer_panel)
 
     def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:

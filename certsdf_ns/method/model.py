@@ -111,15 +111,7 @@ class CertSDFModelConfig(ModelConfig, CertSDFFieldConfig):
     @property
     def sdf_field(self) -> bool:
         """Not a setting: `ns-export marching-cubes` only checks that this attribute exists. It
-        then calls `field.forward_geonetwork(x)[:, 0]`, which is the certified SDF (positive outside).
-
-        Reading it is also the moment to make that command work without CUDA: ns-export asks right
-        before it calls nerfstudio's CUDA-only multires marching cubes, so the CPU replacement is
-        installed here, only then (see certsdf_ns/export/ns_export_compat.py). Imported here, not at
-        the top: the exporters hang on the model, and importing the model has no side effect."""
-        from certsdf_ns.export import ns_export_compat
-
-        ns_export_compat.patch_loaded_exporter()
+        then calls `field.forward_geonetwork(x)[:, 0]`, which is the certified SDF (positive outside)."""
         return True
 
 

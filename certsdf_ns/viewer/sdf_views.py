@@ -1,12 +1,8 @@
-"""Pictures of the certified SDF: per-ray render outputs, axis-aligned slices, a quick mesh.
+"""Axis-aligned slices of the certified SDF, as pictures.
 
-Everything here is a plain function of tensors (no viewer, no viser), so it is unit-tested
-directly; :mod:`certsdf_ns.viewer.controls` only moves the results into the viser scene.
-
-Colour convention (all views): matplotlib's diverging ``RdBu``, white at sdf = 0, dark red
-at sdf = −scale (inside), dark blue at sdf = +scale (outside), clipped beyond. With scale =
-σ·Φ⁻¹(1 − ε), the largest |sdf| the certificate can give, saturated blue reads "certified to
-be at least this far from the surface".
+Plain functions of tensors (no viewer, no viser), unit-tested directly; :mod:`certsdf_ns.viewer.controls`
+only moves the results into the viser scene. Colours follow :mod:`certsdf_ns.method.sdf_outputs`
+(RdBu over ±σ·Φ⁻¹(1 − ε), white at sdf = 0); meshes come from :mod:`certsdf_ns.export.mesh`.
 """
 
 from __future__ import annotations
@@ -116,32 +112,3 @@ def sdf_slice_image(
         rgb = torch.where(iso[..., None], rgb * 0.55, rgb)
     rgb = torch.where(zero_crossings(values)[..., None], torch.zeros_like(rgb), rgb)
     return (rgb.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).numpy()
-
-
-# -- mesh -------------------------------------------------------------------------------------
-def extract_mesh(
-    sdf_grid: Float[Tensor, "X Y Z"], aabb: Float[Tensor, "2 3"], level: float = 0.0
-) -> Tuple[Float[np.ndarray, "V 3"], Int[np.ndarray, "F 3"]]:
-    """Marching cubes (PyMCubes) on the node SDF; vertices in world units, faces outward.
-
-    Returns empty arrays when the level is never crossed (e.g. early in training).
-    """
-    import mcubes
-
-    grid = sdf_grid.detach().double().cpu().numpy()
-    if not (grid.min() < level < grid.max()):
-        return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32)
-    vertices, faces = mcubes.marching_cubes(grid, level)
-    faces = faces.astype(np.int64)
-    # Which side PyMCubes treats as inside is a convention; orient faces so their normals
-    # follow the SDF gradient (outward for a positive-outside SDF). Checked on the face
-    # centroids' nearest nodes, which also works for surfaces cut open by the box.
-    tri = vertices[faces]
-    normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-    nodes = np.clip(np.rint(tri.mean(axis=1)).astype(np.int64), 0, np.array(grid.shape) - 1)
-    gradient = np.stack([g[tuple(nodes.T)] for g in np.gradient(grid)], axis=-1)
-    if np.einsum("ij,ij->", normals, gradient) < 0:
-        faces = faces[:, ::-1]
-    lo, hi = aabb[0].double().cpu().numpy(), aabb[1].double().cpu().numpy()
-    vertices = lo + vertices * (hi - lo) / (np.array(grid.shape) - 1)
-    return vertices.astype(np.float32), np.ascontiguousarray(faces, dtype=np.int32)
