@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scene-dir", type=Path, default=Path("demo_data/demo_scene"), help="where the demo scene is written")
     p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="ns-train output folder")
     p.add_argument("--image-size", type=int, default=100, help="rendered image size (pixels)")
-    p.add_argument("--steps", type=int, default=250, help="training iterations (~0.6 s each on one CPU core)")
+    p.add_argument("--steps", type=int, default=200, help="training iterations (~0.8 s each on one CPU core)")
     p.add_argument("--picture", type=Path, default=Path("demo_result.png"), help="where the side-by-side picture goes")
     p.add_argument("--viewer", action="store_true", help="open nerfstudio's viewer on 127.0.0.1:7007 while training")
     return p
@@ -103,8 +103,8 @@ def evaluate(config: Path, picture: Path, gt_mesh_path: Path) -> Tuple[dict, dic
     from certsdf_ns.viewer.sdf_views import sdf_slice, sdf_slice_image
 
     _, pipeline, _, _ = eval_setup(config, test_mode="test")
+    image_metrics = pipeline.get_average_eval_image_metrics()  # leaves the pipeline in training mode
     model = pipeline.model.eval()
-    image_metrics = pipeline.get_average_eval_image_metrics()
 
     geometry = model.field.geometry
     mesh = extract_mesh(geometry, resolution=256)  # Blender scenes: the model's frame is the scene's

@@ -177,7 +177,7 @@ def test_resume_is_bitwise_equal_to_uninterrupted_run(runs: Runs) -> None:
     loss_a, loss_b2 = runs.scalars("A", "Train Loss"), runs.scalars("B2", "Train Loss")
     assert sorted(loss_b2) == list(range(26, STEPS))
     assert all(loss_b2[s] == loss_a[s] for s in loss_b2)
-    sigma_a, sigma_b2 = runs.scalars("A", "Train Metrics Dict/sigma"), runs.scalars("B2", "Train Metrics Dict/sigma")
+    sigma_a, sigma_b2 = runs.scalars("A", "Train Metrics Dict/sigma_voxels"), runs.scalars("B2", "Train Metrics Dict/sigma_voxels")
     assert all(sigma_b2[s] == sigma_a[s] for s in sigma_b2)
     assert sigma_a[26] > sigma_a[45]  # the schedule was still annealing across the resume
 
