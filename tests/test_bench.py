@@ -266,9 +266,9 @@ def test_certsdf_grid_mesh_is_in_the_scene_frame_and_scored() -> None:
     sphere.apply_translation(centre.numpy())
     scored = score_mesh(MeshResult("certsdf-grid", 0, 0.0), mesh, sphere, n_points=20_000)
     assert scored.status == "ok" and scored.chamfer_l1 < 0.02, scored  # voxel = 0.051
-    from certsdf_ns.bench.meshes import _node_grid_mesh  # the fallback without certsdf_ns.export.mesh_export
+    from certsdf_ns.export.mesh import extract_mesh  # the same extractor on the node SDF itself
 
-    fallback = score_mesh(MeshResult("certsdf-grid", 0, 0.0), _node_grid_mesh(field.geometry), sphere, n_points=20_000)
+    fallback = score_mesh(MeshResult("certsdf-grid", 0, 0.0), extract_mesh(field.geometry, resolution=0), sphere, n_points=20_000)
     assert fallback.chamfer_l1 < 0.02, fallback
     shifted = sphere.copy()
     shifted.apply_translation([0.2, 0.0, 0.0])
