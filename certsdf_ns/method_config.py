@@ -18,6 +18,7 @@ from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
 from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
+from certsdf_ns.console import silence_known_noise
 from certsdf_ns.method.model import CertSDFModelConfig
 from certsdf_ns.pipeline import CertSDFPipelineConfig
 from certsdf_ns.data.dataparser import CertSDFDataParserConfig
@@ -25,6 +26,7 @@ from certsdf_ns.training.optim import FusedAdamOptimizerConfig, PlainFloatExpone
 from certsdf_ns.training.trainer import CertSDFTrainerConfig
 
 HAS_CUDA = torch.cuda.is_available()
+silence_known_noise()  # the plugin's boundary: nerfstudio loads this module when it discovers methods
 
 certsdf_trainer_config = CertSDFTrainerConfig(
     method_name="certsdf",
