@@ -29,10 +29,11 @@ from nerfstudio.utils.colors import get_color
 
 from certsdf_ns import ns_export_compat
 from certsdf_ns.certified import sample_grid
+from certsdf_ns.checkpoint_fit import fit_message, fit_problems
 from certsdf_ns.certsdf_field import CertSDFField, pick_backend
 from certsdf_ns.console import log
 from certsdf_ns.sdf_views import ray_sdf_outputs
-from certsdf_ns.validation import BACKGROUND_KEY
+from certsdf_ns.validation import BACKGROUND_KEY, CertSDFInputError, exit_cleanly
 from certsdf_ns.viewer_controls import CertSDFViewerControls
 
 
@@ -205,6 +206,15 @@ class CertSDFModel(Model):
         """Called by the pipeline when a checkpoint is loaded: σ and s are not parameters,
         they are recomputed from the step, so eval/export see the σ the grid was trained with."""
         self.set_schedule_step(step)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        """Every load (ns-train --load-dir, ns-eval, ns-viewer, exports) first checks that the
+        checkpoint fits this config, naming the differing setting instead of a size-mismatch traceback."""
+        problems = fit_problems(state_dict, self.state_dict())
+        if problems:
+            with exit_cleanly():
+                raise CertSDFInputError(fit_message(problems))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
         return [
