@@ -13,9 +13,15 @@ import os
 import tempfile
 from pathlib import Path
 
-from certsdf_ns.validation import CertSDFInputError
-
 PROBE_PREFIX = ".certsdf-write-test-"
+
+
+class OutputLocationError(ValueError):
+    """An output location that cannot be created or written; the message names the option and path.
+
+    Not a CertSDFInputError only to keep this module free of heavy imports (certsdf-make-scene and
+    certsdf-eval-mesh use it without torch); ns-train's checks re-raise it as one.
+    """
 
 
 def _kind(path: Path) -> str:
@@ -30,21 +36,21 @@ def _kind(path: Path) -> str:
 
 
 def check_writable_dir(path: Path, option: str) -> Path:
-    """Create folder `path` (with parents) and prove it writable; CertSDFInputError naming `option` if not."""
+    """Create folder `path` (with parents) and prove it writable; OutputLocationError naming `option` if not."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise CertSDFInputError(f"{option} {path} is {_kind(path)}, not a folder; pass a folder to write into.")
+        raise OutputLocationError(f"{option} {path} is {_kind(path)}, not a folder; pass a folder to write into.")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
         why = f"{blocker} is {_kind(blocker)}" if blocker is not None else (err.strerror or str(err))
-        raise CertSDFInputError(f"{option} {path} cannot be created ({why}); choose a writable location.") from err
+        raise OutputLocationError(f"{option} {path} cannot be created ({why}); choose a writable location.") from err
     try:
         with tempfile.NamedTemporaryFile(dir=path, prefix=PROBE_PREFIX):
             pass
     except OSError as err:
-        raise CertSDFInputError(
+        raise OutputLocationError(
             f"{option} {path} is not writable ({err.strerror or err}); choose a writable location."
         ) from err
     return path
@@ -54,10 +60,10 @@ def check_writable_file(path: Path, option: str) -> Path:
     """The file `path` can be written: not a folder, and its folder exists (or can be made) and is writable."""
     path = Path(path)
     if path.is_dir():
-        raise CertSDFInputError(f"{option} {path} is a folder; pass a file name.")
+        raise OutputLocationError(f"{option} {path} is a folder; pass a file name.")
     if path.exists() and not path.is_file():
-        raise CertSDFInputError(f"{option} {path} is {_kind(path)}; pass a regular file name.")
+        raise OutputLocationError(f"{option} {path} is {_kind(path)}; pass a regular file name.")
     if path.exists() and not os.access(path, os.W_OK):
-        raise CertSDFInputError(f"{option} {path} exists and is not writable.")
-    check_writable_dir(path.parent, f"the folder of {option}")
+        raise OutputLocationError(f"{option} {path} exists and is not writable.")
+    check_writable_dir(path.parent, f"{option} {path}: its folder")
     return path

@@ -26,12 +26,12 @@ from typing import Any, List, Optional
 
 import torch
 
-from certsdf_ns.output_paths import check_writable_dir
+from certsdf_ns.output_paths import OutputLocationError, check_writable_dir
 from certsdf_ns.validation import CertSDFInputError
 
 CONFIG_NAME = "config.yml"
 CHECKPOINT_NAME = re.compile(r"step-(\d+)\.ckpt")
-SAVE_OVERHEAD_BYTES = 1 << 20
+SAVE_OVERHEAD_BYTES = 1 << 16
 """Zip headers and pickled non-tensor state of a checkpoint, on top of its tensors' bytes."""
 LOW_SPACE_SAVES = 2
 """Warn when the disk holds fewer than this many more checkpoints."""
@@ -89,7 +89,10 @@ def claim_run_folder(run_dir: Path, checkpoint_dir: Path, load_dir: Optional[Pat
             "--timestamp (or none: the default is the current time) or --experiment-name. "
             "To discard the old run, delete the folder yourself."
         )
-    check_writable_dir(run_dir, "--output-dir: the run folder")
+    try:
+        check_writable_dir(run_dir, "--output-dir: the run folder")
+    except OutputLocationError as err:
+        raise CertSDFInputError(str(err)) from err
 
 
 def check_no_newer_checkpoints(checkpoint_dir: Path, loaded_step: int) -> None:
