@@ -238,8 +238,6 @@ def test_unwritable_outputs_are_refused_before_work(first_run: FirstRun, tmp_pat
     cases = {  # name: (command, texts the message must hold, runs without root's permission override)
         "train-file": ([ns("ns-train"), "certsdf", "--data", first_run.scene, "--output-dir", a_file, *TINY],
                        [f"{a_file} is a file", "--output-dir"], False),
-        "train-proc": ([ns("ns-train"), "certsdf", "--data", first_run.scene, "--output-dir", "/proc/certsdf-out", *TINY],
-                       ["--output-dir: the run folder /proc/certsdf-out/", "cannot be created"], False),
         "export-file": ([ns("certsdf-export"), "--load-config", config, "--output-dir", a_file],
                         [f"--output-dir {a_file} is a file, not a folder"], False),
         "eval-mesh-proc": ([ns("certsdf-eval-mesh"), "pred.ply", "gt.ply", "--json", "/proc/certsdf/m.json"],
@@ -438,42 +436,41 @@ def test_bad_camera_field_is_refused(case, edit, expected, first_run: FirstRun, 
     assert str(data / "transforms.json") in err and expected in err, err
 
 
-def test_cli_refuses_bad_camera_fields(first_run: FirstRun, tmp_path: Path) -> None:
-    """Camera fields through ns-train: a Blender camera_angle_x of `true` and a nerfstudio fl_x of NaN."""
-    blender = shutil.copytree(first_run.scene, tmp_path / "blender")
-    meta = json.loads((blender / "transforms_train.json").read_text())
-    meta["camera_angle_x"] = True
-    (blender / "transforms_train.json").write_text(json.dumps(meta))
+def test_cli_refuses_bad_camera_fields(first_run: FirstRun, tmp_path: Path, capsys) -> None:
+    """Camera fields through ns-train (a nerfstudio fl_x of NaN), and a Blender camera_angle_x of `true`
+    (a bool is an int in Python) through the dataparser."""
     nerfstudio = _nerfstudio_scene(first_run.scene, tmp_path / "ns")
     meta = json.loads((nerfstudio / "transforms.json").read_text())
     meta["fl_x"] = float("nan")
     (nerfstudio / "transforms.json").write_text(json.dumps(meta))
-    procs = _finish({
-        name: _start([ns("ns-train"), "certsdf", "--data", data, "--output-dir", tmp_path / name, *TINY])
-        for name, data in (("blender", blender), ("nerfstudio", nerfstudio))
-    })  # fmt: skip
-    _refused(procs["blender"], f"{blender / 'transforms_train.json'}: 'camera_angle_x'", "invalid (True)")
-    _refused(procs["nerfstudio"], f"{nerfstudio / 'transforms.json'}: 'fl_x' is nan")
+    proc = _run([ns("ns-train"), "certsdf", "--data", nerfstudio, "--output-dir", tmp_path / "out", *TINY])
+    _refused(proc, f"{nerfstudio / 'transforms.json'}: 'fl_x' is nan")
+    assert not list((tmp_path / "out").rglob("config.yml"))
+
+    blender = shutil.copytree(first_run.scene, tmp_path / "blender")
+    meta = json.loads((blender / "transforms_train.json").read_text())
+    meta["camera_angle_x"] = True
+    (blender / "transforms_train.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as exit_info:
+        CertSDFDataParserConfig(data=blender).setup().get_dataparser_outputs("train")
+    assert exit_info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{blender / 'transforms_train.json'}: 'camera_angle_x'" in err and "invalid (True)" in err, err
     first_run.assert_untouched()
 
 
 # --------------------------------------------------------------------------- --data
 
 
-def test_data_that_is_not_a_readable_folder_is_refused(first_run: FirstRun, tmp_path: Path) -> None:
-    """--data as a file, a character device, a broken link and a folder that cannot be listed."""
-    a_file = tmp_path / "scene.txt"
-    a_file.write_text("x")
-    broken = tmp_path / "broken"
-    broken.symlink_to(tmp_path / "nowhere")
+def test_data_that_is_not_a_readable_folder_is_refused(first_run: FirstRun, tmp_path: Path, capsys) -> None:
+    """--data as a folder that cannot be listed and a character device (through ns-train), a file and
+    a broken link (through the dataparser)."""
     unreadable = shutil.copytree(first_run.scene, tmp_path / "unreadable")
     unreadable.chmod(0o000)
     ordinary = _can_drop_capabilities()
     cases = {
-        "file": (a_file, f"data path {a_file} is a file; pass the scene folder", False),
-        "device": ("/dev/null", "data path /dev/null is neither a folder nor a file", False),
-        "broken-link": (broken, f"data path {broken} is a broken symbolic link", False),
         "unreadable": (unreadable, f"data folder {unreadable} cannot be read (Permission denied)", True),
+        "device": ("/dev/null", "data path /dev/null is neither a folder nor a file", False),
     }  # fmt: skip
     try:
         procs = _finish({
@@ -485,5 +482,17 @@ def test_data_that_is_not_a_readable_folder_is_refused(first_run: FirstRun, tmp_
         unreadable.chmod(0o755)
     for name, (_, expected, _) in cases.items():
         _refused(procs[name], expected)
+
+    a_file = tmp_path / "scene.txt"
+    a_file.write_text("x")
+    broken = tmp_path / "broken"
+    broken.symlink_to(tmp_path / "nowhere")
+    for data, expected in ((a_file, f"data path {a_file} is a file; pass the scene folder"),
+                           (broken, f"data path {broken} is a broken symbolic link")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            CertSDFDataParserConfig(data=data).setup().get_dataparser_outputs("train")
+        assert exit_info.value.code == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert expected in err, err
     first_run.assert_untouched()
     assert ordinary, "could not drop CAP_DAC_READ_SEARCH as root: the unreadable-folder case did not run"
