@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from certsdf_ns.output_paths import OutputLocationError, check_writable_dir
 from certsdf_ns.scenes import make_scene
 
 
@@ -28,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    try:  # both before rendering and training (ns-train checks its run folder again)
+        check_writable_dir(args.output_dir, "--output-dir")
+        if not (args.scene_dir / "transforms_train.json").exists():
+            check_writable_dir(args.scene_dir, "--scene-dir")
+    except OutputLocationError as exc:
+        print(f"certsdf-demo: error: {exc}", file=sys.stderr)
+        return 2
     if not (args.scene_dir / "transforms_train.json").exists():
         print(f"[certsdf-demo] rendering the demo scene into {args.scene_dir} ...", flush=True)
         make_scene(args.scene_dir, image_size=args.image_size, n_train=80, n_val=8, n_test=10)

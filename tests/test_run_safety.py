@@ -227,7 +227,8 @@ def test_space_is_checked_before_saves() -> None:
 
 def test_unwritable_outputs_are_refused_before_work(first_run: FirstRun, tmp_path: Path) -> None:
     """Every CLI refuses an output location it cannot write (an existing file, a path under /proc,
-    a read-only folder) with exit 2 and a message naming it, before loading or training."""
+    a read-only folder) with exit 2 and a message naming it, before loading or training; a
+    benchmark refuses a results folder holding trained runs of an earlier benchmark."""
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     read_only = tmp_path / "read_only"
@@ -235,6 +236,9 @@ def test_unwritable_outputs_are_refused_before_work(first_run: FirstRun, tmp_pat
     read_only.chmod(0o555)
     ordinary = _can_drop_capabilities()
     config = first_run.run_dir / "config.yml"
+    earlier = tmp_path / "bench" / "speed" / "runs" / f"certsdf_{first_run.scene.name}" / "bench" / "certsdf" / "run"
+    earlier.mkdir(parents=True)
+    (earlier / "config.yml").write_text("an earlier trial")
     cases = {  # name: (command, texts the message must hold, runs without root's permission override)
         "train-file": ([ns("ns-train"), "certsdf", "--data", first_run.scene, "--output-dir", a_file, *TINY],
                        [f"{a_file} is a file", "--output-dir"], False),
@@ -246,6 +250,12 @@ def test_unwritable_outputs_are_refused_before_work(first_run: FirstRun, tmp_pat
                        [f"--results-dir {a_file} is a file, not a folder"], False),
         "make-scene-proc": ([ns("certsdf-make-scene"), "/proc/certsdf-scene", "--image-size", 16],
                             ["out_dir /proc/certsdf-scene cannot be created"], False),
+        "demo-proc": ([ns("certsdf-demo"), "--scene-dir", "/proc/certsdf-demo", "--output-dir", tmp_path / "demo"],
+                      ["--scene-dir /proc/certsdf-demo cannot be created"], False),
+        "bench-earlier-trials": ([ns("certsdf-bench"), "speed", "--results-dir", tmp_path / "bench", "--scene",
+                                  first_run.scene, "--methods", "certsdf"],
+                                 [f"{earlier} already holds a trained run (config.yml)", "Pass another --results-dir"],
+                                 False),
     }  # fmt: skip
     if ordinary:
         cases["train-read-only"] = (
@@ -260,6 +270,7 @@ def test_unwritable_outputs_are_refused_before_work(first_run: FirstRun, tmp_pat
     for name, (_, expected, _) in cases.items():
         _refused(procs[name], *expected)
     assert a_file.read_text() == "not a folder" and not any(read_only.iterdir())
+    assert (earlier / "config.yml").read_text() == "an earlier trial" and sorted(os.listdir(earlier)) == ["config.yml"]
     assert not list(tmp_path.rglob("*.ckpt"))
     first_run.assert_untouched()
     assert ordinary, "could not drop CAP_DAC_OVERRIDE as root: the read-only cases did not run"

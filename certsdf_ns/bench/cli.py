@@ -33,9 +33,13 @@ Commands = Union[
 def run(cfg) -> list:
     try:
         check_writable_dir(cfg.results_dir, "--results-dir")  # before hours of trials
-    except OutputLocationError as exc:
+        return _dispatch(cfg)
+    except OutputLocationError as exc:  # also: earlier trials in --results-dir (suites.refuse_earlier_trials)
         print(f"certsdf-bench: error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def _dispatch(cfg) -> list:
     if isinstance(cfg, SpeedConfig):
         return run_speed(cfg)
     if isinstance(cfg, QualityConfig):
