@@ -130,9 +130,8 @@ class FirstRun:
         self.hashes = _hashes(self.run_dir)
 
     def assert_untouched(self) -> None:
-        """Every file the run held is byte-identical (a refused command may only add its own log files)."""
-        now = _hashes(self.run_dir)
-        assert {name: now.get(name) for name in self.hashes} == self.hashes
+        """The run folder holds the same files, byte for byte (nothing changed, removed or added)."""
+        assert _hashes(self.run_dir) == self.hashes
 
 
 @pytest.fixture(scope="module")
@@ -281,10 +280,12 @@ def test_unwritable_outputs_are_refused_before_work(first_run: FirstRun, tmp_pat
 
 
 def test_loading_checks_name_the_checkpoint_folder_and_setting(first_run: FirstRun, tmp_path: Path) -> None:
-    """ns-eval, ns-viewer and certsdf-export on a run whose checkpoint folder is empty or missing, and
-    ns-eval on a config.yml that does not fit its checkpoint: exit 2 naming the folder / the setting
-    (nerfstudio itself ends in an IndexError or a size-mismatch traceback). certsdf-export refuses a
-    lattice that would not fit in memory before it reads any checkpoint."""
+    """ns-eval, ns-viewer and certsdf-export on a run whose checkpoint folder is empty, certsdf-export
+    on one whose folder is missing (nerfstudio's commands reach the same check, see
+    CertSDFTrainerConfig.__setattr__), and ns-eval on a config.yml that does not fit its checkpoint:
+    exit 2 naming the folder / the setting (nerfstudio itself ends in an IndexError or a
+    size-mismatch traceback). certsdf-export refuses a lattice that would not fit in memory before
+    it reads any checkpoint."""
     empty = _relocated_run(first_run.run_dir, tmp_path / "o" / "empty" / "certsdf" / "t")
     for ckpt in (empty / "nerfstudio_models").iterdir():
         ckpt.unlink()
@@ -300,8 +301,8 @@ def test_loading_checks_name_the_checkpoint_folder_and_setting(first_run: FirstR
                          [f"checkpoint folder {empty_models} is empty"]),
         "export-empty": ([ns("certsdf-export"), "--load-config", empty / "config.yml", "--output-dir", tmp_path / "m"],
                          [f"checkpoint folder {empty_models} is empty"]),
-        "eval-missing": ([ns("ns-eval"), "--load-config", missing / "config.yml", "--output-path", tmp_path / "e.json"],
-                         [f"checkpoint folder {missing_models} does not exist"]),
+        "export-missing": ([ns("certsdf-export"), "--load-config", missing / "config.yml", "--output-dir", tmp_path / "m"],
+                           [f"checkpoint folder {missing_models} does not exist"]),
         "eval-misfit": ([ns("ns-eval"), "--load-config", misfit / "config.yml", "--output-path", tmp_path / "e.json"],
                         ["--pipeline.model.colour-encoding is dense here but the checkpoint was trained with hash"]),
         "export-too-large": ([ns("certsdf-export"), "--load-config", empty / "config.yml", "--output-dir",
