@@ -27,6 +27,7 @@ from jaxtyping import Float
 from PIL import Image, ImageDraw
 
 from certsdf_ns.data.scenes import make_scene
+from certsdf_ns.output_paths import OutputLocationError, check_writable_dir
 
 PANEL = 256
 """Pixels per side of each panel of the picture."""
@@ -146,6 +147,14 @@ def evaluate(config: Path, picture: Path, gt_mesh_path: Path) -> Tuple[dict, dic
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    try:  # before rendering and training (ns-train checks its run folder again)
+        check_writable_dir(args.output_dir, "--output-dir")
+        check_writable_dir(args.picture.parent, "--picture's folder")
+        if not (args.scene_dir / "transforms_train.json").exists():
+            check_writable_dir(args.scene_dir, "--scene-dir")
+    except OutputLocationError as exc:
+        print(f"certsdf-demo: error: {exc}", file=sys.stderr)
+        return 2
     if not (args.scene_dir / "transforms_train.json").exists():
         say(f"rendering the demo scene into {args.scene_dir} ...")
         make_scene(args.scene_dir, image_size=args.image_size, n_train=80, n_val=8, n_test=10)

@@ -18,7 +18,7 @@ import yaml
 PACKAGE = Path(__file__).resolve().parents[1] / "certsdf_ns"
 
 LAYER = {
-    "certsdf_ns.certified": 0, "certsdf_ns.console": 0, "certsdf_ns.errors": 0,
+    "certsdf_ns.certified": 0, "certsdf_ns.console": 0, "certsdf_ns.errors": 0, "certsdf_ns.output_paths": 0,
     "certsdf_ns.data": 1,
     "certsdf_ns.method": 2,
     "certsdf_ns.training": 3, "certsdf_ns.export": 3, "certsdf_ns.viewer": 3,

@@ -12,6 +12,7 @@ Every option is listed by `certsdf-bench <suite> --help`.
 
 from __future__ import annotations
 
+import sys
 from typing import Union
 
 import tyro
@@ -19,6 +20,7 @@ from typing_extensions import Annotated
 
 from certsdf_ns.bench.report import ReportConfig, run_report
 from certsdf_ns.bench.suites import QualityConfig, SigmaConfig, SpeedConfig, run_quality, run_sigma, run_speed
+from certsdf_ns.output_paths import OutputLocationError, check_writable_dir
 
 Commands = Union[
     Annotated[SpeedConfig, tyro.conf.subcommand(name="speed")],
@@ -29,6 +31,15 @@ Commands = Union[
 
 
 def run(cfg) -> list:
+    try:
+        check_writable_dir(cfg.results_dir, "--results-dir")  # before hours of trials
+        return _dispatch(cfg)
+    except OutputLocationError as exc:  # also: earlier trials in --results-dir (suites.refuse_earlier_trials)
+        print(f"certsdf-bench: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _dispatch(cfg) -> list:
     if isinstance(cfg, SpeedConfig):
         return run_speed(cfg)
     if isinstance(cfg, QualityConfig):

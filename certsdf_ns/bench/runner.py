@@ -176,6 +176,11 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+def trial_run_dir(out_dir: Path, run_name: str, ns_method: str) -> Path:
+    """The ns-train run folder of one trial (its config.yml and nerfstudio_models/)."""
+    return Path(out_dir) / "runs" / run_name / "bench" / ns_method / "run"
+
+
 def run_budgeted(
     spec: MethodSpec,
     scene: Path,
@@ -216,7 +221,7 @@ def run_budgeted(
     cmd = [sys.executable, "-m", "certsdf_ns.bench.peer_train", spec.ns_method, *trainer_opts, *spec.train_args(scene, settings)]
     result.command = cmd
     result.log_path = str(log_path)
-    result.config_path = str((run_dir / "bench" / spec.ns_method / "run" / "config.yml").resolve())
+    result.config_path = str((trial_run_dir(out_dir, run_name, spec.ns_method) / "config.yml").resolve())
     env = dict(os.environ, **{TIMING_ENV: str(timing_path.resolve()), "PYTHONWARNINGS": "ignore"})
 
     timing = _Timing(timing_path)

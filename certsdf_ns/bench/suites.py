@@ -19,7 +19,10 @@ from certsdf_ns.bench.methods import get_method
 from certsdf_ns.bench.offline import CHECKPOINT_NOTE, LPIPS_NOTE
 from certsdf_ns.bench.report import write_summary
 from certsdf_ns.bench.results import machine_info, plot_bars, plot_lines, write_csv, write_json
+from certsdf_ns.bench.runner import trial_run_dir
 from certsdf_ns.bench.trial import TrialOptions, TrialRequest, run_trial
+from certsdf_ns.output_paths import OutputLocationError
+from certsdf_ns.training.run_folder import existing_run_message
 
 ALL_METHODS = ("certsdf", "nerfacto", "tensorf", "instant-ngp", "neus", "neus-facto")
 
@@ -108,9 +111,23 @@ def _progress() -> Progress:
                     TimeElapsedColumn(), console=CONSOLE, transient=False)  # fmt: skip
 
 
+def refuse_earlier_trials(out: Path, requests: Sequence[TrialRequest]) -> None:
+    """Before any trial: runs are never overwritten (ns-train certsdf would refuse the folder
+    mid-suite, after hours of other trials), so a results folder holding trained runs is refused."""
+    for req in requests:
+        folder = trial_run_dir(out, req.run_name, req.spec.ns_method)
+        held = existing_run_message(folder, folder / "nerfstudio_models")
+        if held is not None:
+            raise OutputLocationError(
+                f"{folder} already holds a trained run ({held}) from an earlier certsdf-bench run; runs are never "
+                f"overwritten. Pass another --results-dir, or delete {out / 'runs'} yourself."
+            )
+
+
 def _run_all(suite: str, cfg: SuiteConfig, requests: Sequence[TrialRequest], header: dict) -> List[dict]:
     """Run the trials in order with a rich progress display; write each run's JSON as it ends."""
     out = Path(cfg.results_dir) / suite
+    refuse_earlier_trials(out, requests)
     out.mkdir(parents=True, exist_ok=True)
     device = cfg.resolved_device()
     records = []

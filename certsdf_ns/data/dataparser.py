@@ -10,6 +10,7 @@ test split (with one warning) instead of raising FileNotFoundError.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional, Type
@@ -34,8 +35,14 @@ class DataFormatError(CertSDFInputError):
 
 
 def detect_format(data: Path) -> Format:
-    """Blender if `transforms_train.json` is there, nerfstudio if `transforms.json` is."""
+    """Blender if `transforms_train.json` is there, nerfstudio if `transforms.json` is.
+
+    `data` must be a readable folder (or a nerfstudio transforms.json): anything else (a broken
+    link, a device, a folder that cannot be listed) is refused here with what it is.
+    """
     if not data.exists():
+        if data.is_symlink():
+            raise DataFormatError(f"data path {data} is a broken symbolic link (to {os.readlink(data)}).")
         raise DataFormatError(
             f"data path {data} does not exist; --data must be a scene folder holding transforms_train.json "
             "(Blender/NeRF-synthetic) or transforms.json (nerfstudio format)."
@@ -44,11 +51,19 @@ def detect_format(data: Path) -> Format:
         if data.suffix == ".json":
             return "nerfstudio"
         raise DataFormatError(f"data path {data} is a file; pass the scene folder.")
-    if (data / "transforms_train.json").exists():
+    if not data.is_dir():
+        raise DataFormatError(f"data path {data} is neither a folder nor a file (a device, socket or pipe); pass the scene folder.")
+    try:
+        names = set(os.listdir(data))
+        if not os.access(data, os.R_OK | os.X_OK):  # listable but not searchable: its files cannot be opened
+            raise PermissionError(13, os.strerror(13))
+    except OSError as err:
+        raise DataFormatError(f"data folder {data} cannot be read ({err.strerror}); check its permissions.") from err
+    if "transforms_train.json" in names:
         return "blender"
-    if (data / "transforms.json").exists():
+    if "transforms.json" in names:
         return "nerfstudio"
-    if not any(data.iterdir()):
+    if not names:
         raise DataFormatError(f"data folder {data} is empty.")
     raise DataFormatError(
         f"{data} holds neither transforms_train.json (Blender/NeRF-synthetic) nor transforms.json "

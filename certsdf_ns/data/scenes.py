@@ -34,6 +34,8 @@ import numpy as np
 import trimesh
 from PIL import Image
 
+from certsdf_ns.output_paths import check_writable_dir
+
 # Same horizontal field of view as the NeRF-synthetic "lego" scene.
 CAMERA_ANGLE_X = 0.6911112070083618
 CAMERA_RADIUS = 4.0
@@ -387,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     start = time.perf_counter()
     try:
+        check_writable_dir(args.out_dir, "out_dir")  # before rendering
         mesh = load_and_normalise_mesh(args.mesh) if args.mesh is not None else None
         out = make_scene(
             args.out_dir, mesh, args.image_size, args.n_train, args.n_val, args.n_test, args.seed

@@ -35,6 +35,25 @@ BACKGROUND_UNIFORM_FRACTION = 0.9
 BACKGROUND_SPREAD = 0.1
 BACKGROUND_SAMPLE_IMAGES = 8
 NERFSTUDIO_INTRINSICS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
+DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
+READABLE_IMAGE_MODES = ("RGB", "RGBA", "L")
+"""PIL modes nerfstudio's InputDataset reads correctly: 8-bit RGB(A) (16-bit PNGs open as these, scaled
+to 8 bits by PIL) and 8-bit grey (repeated to RGB). Every other mode is refused (see IMAGE_MODE_PROBLEMS)."""
+IMAGE_MODE_PROBLEMS = {
+    "1": "1-bit black and white would be read as values 0/1, i.e. black",
+    "P": "palette indices would be read as grey levels instead of colours",
+    "PA": "palette indices would be read as grey levels, and its alpha cannot be read",
+    "LA": "grey with alpha has 2 channels, which nerfstudio cannot read",
+    "La": "grey with premultiplied alpha has 2 channels, which nerfstudio cannot read",
+    "I": "32-bit integer pixels would be wrapped to 8 bits",
+    "F": "floating-point pixels would be truncated to 8 bits",
+    "CMYK": "its 4 CMYK channels would be read as RGBA",
+    "YCbCr": "its YCbCr channels would be read as RGB",
+    "LAB": "its Lab channels would be read as RGB",
+    "HSV": "its HSV channels would be read as RGB",
+    "RGBX": "its padding channel would be read as alpha",
+    "RGBa": "its premultiplied alpha would be read as straight alpha",
+}
 BACKGROUND_KEY = "certsdf_background"
 """Dataparser metadata key: fixed background colour [3] for images without alpha."""
 
@@ -61,6 +80,8 @@ def load_transforms(path: Path) -> Dict[str, Any]:
         raise CertSDFInputError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}.") from err
     except UnicodeDecodeError as err:
         raise CertSDFInputError(f"{path} is not a UTF-8 text file ({err.reason}).") from err
+    except OSError as err:
+        raise CertSDFInputError(f"{path} cannot be read ({err.strerror or err}).") from err
     if not isinstance(meta, dict):
         raise CertSDFInputError(f"{path} must hold a JSON object with a 'frames' list, not a {type(meta).__name__}.")
     frames = meta.get("frames")
@@ -96,11 +117,29 @@ def check_image(path: Path, where: str) -> Tuple[Tuple[int, int], bool]:
         raise CertSDFInputError(f"{where}: image {path} does not exist.")
     try:
         with Image.open(path) as im:
-            size, bands, info = im.size, im.getbands(), dict(im.info)
+            size, mode, info = im.size, im.mode, dict(im.info)
             im.verify()  # checks the whole file (e.g. PNG CRCs) without decoding the pixels
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise CertSDFInputError(f"{where}: image {path} cannot be read ({err}).") from err
-    return size, ("A" in bands or "transparency" in info)
+    check_image_mode(path, where, mode, info)
+    return size, mode == "RGBA"
+
+
+def check_image_mode(path: Path, where: str, mode: str, info: Dict[str, Any]) -> None:
+    """Refuse every PIL mode nerfstudio would read wrongly (it casts the pixels to uint8 and
+    takes 3 channels as RGB, 4 as RGBA, 1 as grey) or not at all."""
+    convert = "Convert it to 8-bit RGB or RGBA, e.g. PIL.Image.open(p).convert('RGBA').save(p)."
+    if mode not in READABLE_IMAGE_MODES:
+        if mode.startswith("I;16"):
+            why = "16-bit grey pixels would be wrapped to 8 bits"
+        else:
+            why = IMAGE_MODE_PROBLEMS.get(mode, "nerfstudio reads only RGB, RGBA and 8-bit grey images")
+        raise CertSDFInputError(f"{where}: image {path} has PIL mode '{mode}': {why}. {convert}")
+    if "transparency" in info:
+        raise CertSDFInputError(
+            f"{where}: image {path} ({mode}) marks transparency with a colour key, which nerfstudio ignores "
+            f"(the image would be read without alpha). {convert}"
+        )
 
 
 def _check_frames(transforms: Path, frames: List[Any], image_path, expected_size=None) -> SplitReport:
@@ -144,6 +183,53 @@ def _check_frames(transforms: Path, frames: List[Any], image_path, expected_size
     return SplitReport(transforms=transforms, image_files=files, has_alpha=first[2])
 
 
+def is_number(value: Any) -> bool:
+    """A JSON number (bool is an int in Python, but `true` is no focal length)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_number(value: Any, where: str, key: str, rule: str, ok) -> None:
+    """One numeric camera field: a finite JSON number for which ok(value) holds."""
+    if not is_number(value) or not math.isfinite(value) or not ok(value):
+        raise CertSDFInputError(f"{where}: '{key}' is {value!r}; it must be {rule}.")
+
+
+def check_camera_fields(entry: Dict[str, Any], where: str, defaults: Optional[Dict[str, Any]] = None) -> None:
+    """Type, finiteness and range of every numeric camera field nerfstudio's parser reads from a
+    transforms.json object (top level, or a frame with `defaults` = the top level)."""
+    scope = {**(defaults or {}), **entry}
+    for key in ("w", "h"):
+        if key in entry:
+            _check_number(entry[key], where, key, "a positive whole number of pixels", lambda v: v >= 1 and v == int(v))
+    for key in ("fl_x", "fl_y"):
+        if key in entry:
+            _check_number(entry[key], where, key, "a positive focal length in pixels", lambda v: v > 0)
+    for key, size in (("cx", "w"), ("cy", "h")):
+        if key in entry:
+            limit = scope.get(size)
+            bound = float(limit) if is_number(limit) else math.inf
+            rule = f"a principal point inside the image (0 to {size}={limit})" if is_number(limit) else "a number >= 0"
+            _check_number(entry[key], where, key, rule, lambda v, b=bound: 0 <= v <= b)
+    for key in DISTORTION_KEYS + ("applied_scale", "fisheye_crop_radius"):
+        if key in entry:
+            positive = key in ("applied_scale", "fisheye_crop_radius")
+            _check_number(entry[key], where, key, "a positive number" if positive else "a finite number",
+                          (lambda v: v > 0) if positive else (lambda v: True))  # fmt: skip
+    if "distortion_params" in entry:
+        params = entry["distortion_params"]
+        if not isinstance(params, list) or len(params) != 6 or not all(is_number(v) and math.isfinite(v) for v in params):
+            raise CertSDFInputError(
+                f"{where}: 'distortion_params' is {params!r}; it must be a list of 6 finite numbers (k1, k2, k3, k4, p1, p2)."
+            )
+    if "camera_model" in entry:
+        from nerfstudio.cameras.cameras import CAMERA_MODEL_TO_TYPE  # (an unknown name is a KeyError in its parser)
+
+        if not isinstance(entry["camera_model"], str) or entry["camera_model"] not in CAMERA_MODEL_TO_TYPE:
+            raise CertSDFInputError(
+                f"{where}: 'camera_model' is {entry['camera_model']!r}; nerfstudio knows {', '.join(CAMERA_MODEL_TO_TYPE)}."
+            )
+
+
 def blender_split_file(data: Path, split: str) -> Path:
     """transforms_{split}.json, with certsdf's fallback from a missing val split to test."""
     path = data / f"transforms_{split}.json"
@@ -157,7 +243,7 @@ def validate_blender_split(data: Path, split: str) -> SplitReport:
     transforms = blender_split_file(data, split)
     meta = load_transforms(transforms)
     angle = meta.get("camera_angle_x")
-    if not isinstance(angle, (int, float)) or not (0.0 < float(angle) < math.pi):
+    if not is_number(angle) or not (0.0 < float(angle) < math.pi):
         raise CertSDFInputError(
             f"{transforms}: 'camera_angle_x' (horizontal field of view in radians) is "
             f"{'missing' if angle is None else f'invalid ({angle!r})'}; Blender-format scenes need it."
@@ -180,6 +266,11 @@ def validate_nerfstudio(data: Path) -> SplitReport:
                     f"{transforms}, frame {i}: camera intrinsic '{key}' is given neither at the top level nor in "
                     f"the frame; nerfstudio-format scenes need {', '.join(NERFSTUDIO_INTRINSICS)}."
                 )
+
+    check_camera_fields(meta, str(transforms))
+    for i, frame in enumerate(meta["frames"]):
+        if isinstance(frame, dict):
+            check_camera_fields(frame, f"{transforms}, frame {i}", defaults=meta)
 
     def declared(frame: Dict[str, Any]) -> Tuple[int, int]:
         return int(frame.get("w", meta.get("w"))), int(frame.get("h", meta.get("h")))

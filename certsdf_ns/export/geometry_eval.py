@@ -33,6 +33,7 @@ import trimesh
 from scipy.spatial import cKDTree
 
 from certsdf_ns.data.scenes import read_mesh
+from certsdf_ns.output_paths import check_writable_file
 
 
 @dataclass
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the metrics here")
     args = p.parse_args(argv)
     try:
+        if args.json is not None:
+            check_writable_file(args.json, "--json")  # before the (slow) metrics
         pred = _load(args.pred_mesh, "predicted")
         gt = _load(args.gt_mesh, "ground-truth")
         metrics = evaluate_mesh(pred, gt, args.n_points, args.thresholds, args.seed)

@@ -43,9 +43,15 @@ from jaxtyping import Float
 from rich.table import Table
 
 from certsdf_ns.console import CONSOLE
+from certsdf_ns.errors import CertSDFInputError
 from certsdf_ns.export.mesh import NoSurfaceError, check_lattice_args, extract_mesh
+from certsdf_ns.output_paths import OutputLocationError, check_writable_dir
+from certsdf_ns.training.run_folder import check_checkpoint_folder
 
 MESH_NAME = "certsdf_mesh"
+EXPORT_BYTES_PER_SAMPLE = 16
+"""Peak bytes per lattice sample: two float32 volumes of the separable interpolation alive at once,
+plus a float64 copy should marching cubes make one (the mesh itself grows only with N²)."""
 
 
 @dataclass
@@ -118,8 +124,8 @@ class UsageError(ValueError):
     """Bad input: reported in one line with exit code 2."""
 
 
-def _load_pipeline(config_path: Path):
-    """eval_setup without loading images, tolerant of run folders moved after training."""
+def _read_config(config_path: Path):
+    """The run's config.yml, checked to be a certsdf run whose scene is still there."""
     if not config_path.is_file():
         raise UsageError(f"--load-config {config_path}: no such file (pass the config.yml of an ns-train run)")
     try:
@@ -132,14 +138,47 @@ def _load_pipeline(config_path: Path):
     data = Path(config.pipeline.datamanager.dataparser.data)
     if not data.exists():
         raise UsageError(f"{config_path}: the scene {data} it was trained on is missing (its scene box is needed)")
+    return config
+
+
+def lattice_samples(resolution: int, upsample: int, grid_resolution: int) -> int:
+    """Marching-cubes samples of the lattice (the same counts as `lattice_coordinates`)."""
+    per_axis = (grid_resolution - 1) * upsample + 1 if resolution == 0 else resolution
+    return per_axis**3
+
+
+def check_lattice_memory(resolution: int, upsample: int, grid_resolution: int, available: float) -> None:
+    """Refuse a lattice whose buffers would not fit in `available` bytes, before anything is loaded."""
+    need = lattice_samples(resolution, upsample, grid_resolution) * EXPORT_BYTES_PER_SAMPLE
+    if need <= available:
+        return
+    fits = int((available / EXPORT_BYTES_PER_SAMPLE) ** (1.0 / 3.0))
+    flag = f"--resolution {resolution}" if resolution else f"--resolution 0 --upsample {upsample} (grid {grid_resolution}³)"
+    raise UsageError(
+        f"{flag} needs about {need / 1e9:.1f} GB for its marching-cubes lattice ({EXPORT_BYTES_PER_SAMPLE} bytes per "
+        f"sample) but only {available / 1e9:.1f} GB is available; use --resolution {fits} or lower."
+    )
+
+
+def checkpoint_folder(config, run_dir: Path) -> Path:
+    """The run's checkpoint folder: next to config.yml when it is there (the run folder was moved
+    or copied; ns-train records absolute paths), else where the config says."""
+    local = run_dir / config.relative_model_dir
+    return local if local.is_dir() else Path(config.get_checkpoint_dir())
+
+
+def _load_pipeline(config_path: Path, config):
+    """eval_setup without loading images, tolerant of run folders moved after training."""
     run_dir = config_path.resolve().parent
+    folder = checkpoint_folder(config, run_dir)
+    try:
+        check_checkpoint_folder(folder)
+    except CertSDFInputError as exc:
+        raise UsageError(str(exc)) from exc
     from nerfstudio.utils.eval_utils import eval_setup  # slow (discovers every method): after the checks
 
     def checkpoints_next_to_config(cfg):
-        # ns-train records absolute output paths, so a copied or moved run folder would load the
-        # checkpoints of the original run (or none). The folder of config.yml wins when it has them.
-        if (run_dir / cfg.relative_model_dir).is_dir():
-            cfg.get_checkpoint_dir = lambda: run_dir / cfg.relative_model_dir
+        cfg.get_checkpoint_dir = lambda: folder
         return cfg
 
     _, pipeline, checkpoint, step = eval_setup(
@@ -150,13 +189,20 @@ def _load_pipeline(config_path: Path):
 
 def export(cfg: MeshExportConfig) -> dict:
     """Run the export described by `cfg`; returns a summary (also printed by the CLI)."""
+    import psutil
+
     try:
         check_lattice_args(cfg.resolution, cfg.upsample)  # before the slow load
-    except ValueError as exc:
+        check_writable_dir(cfg.output_dir, "--output-dir")
+    except (ValueError, OutputLocationError) as exc:
         raise UsageError(str(exc)) from exc
+    config = _read_config(cfg.load_config)
+    check_lattice_memory(
+        cfg.resolution, cfg.upsample, config.pipeline.model.grid_resolution, psutil.virtual_memory().available
+    )
     timings = {}
     t0 = time.perf_counter()
-    pipeline, checkpoint, step = _load_pipeline(cfg.load_config)
+    pipeline, checkpoint, step = _load_pipeline(cfg.load_config, config)
     field = pipeline.model.field
     timings["load"] = time.perf_counter() - t0
 
@@ -183,8 +229,11 @@ def export(cfg: MeshExportConfig) -> dict:
     t0 = time.perf_counter()
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     paths = [cfg.output_dir / f"{MESH_NAME}.ply"] + ([cfg.output_dir / f"{MESH_NAME}.obj"] if cfg.obj else [])
-    for path in paths:
-        mesh.export(path)
+    try:
+        for path in paths:
+            mesh.export(path)
+    except OSError as exc:  # e.g. the disk filled up while meshing
+        raise UsageError(f"cannot write {exc.filename or path}: {exc.strerror or exc}") from exc
     timings["write"] = time.perf_counter() - t0
     return {
         "checkpoint": str(checkpoint),

@@ -25,6 +25,7 @@ from nerfstudio.utils.external import TCNN_EXISTS
 from certsdf_ns.certified import CertifiedSDFGrid, sdf_to_density, sample_grid
 from certsdf_ns.console import log
 from certsdf_ns.errors import CertSDFInputError, exit_cleanly
+from certsdf_ns.method.checkpoint_fit import backend_message
 
 Backend = Literal["tcnn", "torch"]
 _BACKEND_LOGGED = False
@@ -173,11 +174,7 @@ class CertSDFField(Field):
         saved = state.get("backend") if isinstance(state, dict) else None
         if saved is not None and saved != self.backend:
             with exit_cleanly():
-                raise CertSDFInputError(
-                    f"this checkpoint was trained with the '{saved}' colour backend but this model is built with "
-                    f"'{self.backend}'; the colour weights cannot be converted. Load it where {saved} is available "
-                    f"(tcnn needs tinycudann and CUDA), or retrain with --pipeline.model.backend {self.backend}."
-                )
+                raise CertSDFInputError(backend_message(saved, self.backend))
 
     # -- geometry ------------------------------------------------------------------
     def density_from_sdf(self, sdf: Tensor) -> Tensor:

@@ -32,6 +32,8 @@ from nerfstudio.utils.colors import get_color
 from certsdf_ns.certified import sample_grid
 from certsdf_ns.console import log
 from certsdf_ns.data.validation import BACKGROUND_KEY
+from certsdf_ns.errors import CertSDFInputError, exit_cleanly
+from certsdf_ns.method.checkpoint_fit import fit_message, fit_problems
 from certsdf_ns.method.field import CertSDFField, CertSDFFieldConfig
 from certsdf_ns.method.sdf_outputs import ray_sdf_outputs
 
@@ -203,6 +205,15 @@ class CertSDFModel(Model):
         """Called by the pipeline when a checkpoint is loaded: σ and s are not parameters,
         they are recomputed from the step, so eval/export see the σ the grid was trained with."""
         self.set_schedule_step(step)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        """Every load (ns-train --load-dir, ns-eval, ns-viewer, exports) first checks that the
+        checkpoint fits this config, naming the differing setting instead of a size-mismatch traceback."""
+        problems = fit_problems(state_dict, self.state_dict())
+        if problems:
+            with exit_cleanly():
+                raise CertSDFInputError(fit_message(problems))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
         return [
