@@ -322,6 +322,21 @@ def validate_colmap(data: Path, model_dir: Path, images_dir: Path) -> SplitRepor
         raise CertSDFInputError(f"{model_dir}: the COLMAP model cannot be read ({type(err).__name__}: {err}).") from err
     if not images:
         raise CertSDFInputError(f"{images_file} registers no images: nothing to train on.")
+    # nerfstudio's parser converts every camera (unsupported models raise deep inside it) and
+    # asserts one model for the whole scene; both are checked here to name the file instead.
+    from nerfstudio.process_data.colmap_utils import parse_colmap_camera_params
+
+    for camera in cameras.values():
+        try:
+            parse_colmap_camera_params(camera)
+        except (NotImplementedError, ValueError) as err:
+            raise CertSDFInputError(f"{cameras_file}, camera {camera.id}: {err}") from err
+    models = sorted({cameras[entry.camera_id].model for entry in images.values() if entry.camera_id in cameras})
+    if len(models) > 1:
+        raise CertSDFInputError(
+            f"{cameras_file}: the images use several camera models ({', '.join(models)}); nerfstudio's COLMAP "
+            "parser needs one (re-run COLMAP with a single camera model)."
+        )
     files: List[Path] = []
     for image_id in sorted(images):
         entry = images[image_id]
