@@ -427,6 +427,8 @@ def cli_runs(dtu, fruit, cup, tmp_path_factory) -> Dict[str, Future]:
     for name, steps in GOOD.items():
         args = [ns("ns-train"), "certsdf", "--data", scenes[name], "--output-dir", root / "out", "--experiment-name", name,
                 "--timestamp", "run", "--max-num-iterations", steps, *CLI_ARGS]  # fmt: skip
+        if name == "dtu":  # the dataparser's options are plain flags (no dataparser subcommand)
+            args += ["--pipeline.datamanager.dataparser.eval-every", "7"]
         runs[name] = pool.submit(run_cli, args, 600)
     for case, scene, breaker, _ in BAD:
         data = root / case
@@ -460,6 +462,7 @@ def test_dtu_trains_with_masks_and_exports_in_millimetres(cli_runs) -> None:
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "neus format" in proc.stdout
     run_dir = cli_runs["root"] / "out" / "dtu" / "certsdf" / "run"
+    assert "eval_every: 7" in (run_dir / "config.yml").read_text()
     assert list((run_dir / "nerfstudio_models").glob("step-*.ckpt"))
     transform, scale = read_dataparser_transform(run_dir)
     origin = to_original_frame(trimesh.Trimesh([[0.0, 0, 0], [0.1, 0, 0], [0, 0.1, 0]], [[0, 1, 2]], process=False), transform, scale)

@@ -29,6 +29,7 @@ from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, Va
 from nerfstudio.data.dataparsers.base_dataparser import DataparserOutputs
 from nerfstudio.data.datasets.base_dataset import InputDataset
 
+from certsdf_ns.data.dataparser import CertSDFDataParserConfig
 from certsdf_ns.data.validation import FOREGROUND_MASKS_KEY, MASK_BATCH_KEY
 
 
@@ -77,3 +78,7 @@ class CertSDFDataManagerConfig(VanillaDataManagerConfig):
     """nerfstudio's VanillaDataManagerConfig, building a :class:`CertSDFDataManager`."""
 
     _target: Type = field(default_factory=lambda: CertSDFDataManager)
+    dataparser: CertSDFDataParserConfig = field(default_factory=CertSDFDataParserConfig)  # type: ignore[assignment]
+    """certsdf's format-detecting dataparser. One type, not nerfstudio's union of parsers: ns-train then
+    takes no dataparser subcommand and its options are plain flags
+    (`--pipeline.datamanager.dataparser.eval-every 8`)."""
