@@ -247,7 +247,6 @@ class NeuSDataParser(DataParser):
         if skew > SKEW_TOLERANCE_PX:
             warn(f"{layout.cameras}: the intrinsics have a skew of up to {skew:.3g} px, which nerfstudio's cameras ignore.")
 
-        n = len(layout.images)
         if self.config.eval_every > 0:
             i_train, i_eval = get_train_eval_split_interval(layout.images, self.config.eval_every)
         else:
@@ -271,7 +270,7 @@ class NeuSDataParser(DataParser):
             camera_type=CameraType.PERSPECTIVE,
         )
         r = float(self.config.box_radius)
-        metadata: Dict[str, object] = {"neus_num_views": n}
+        metadata: Dict[str, object] = {}
         if layout.masks is not None:
             metadata[FOREGROUND_MASKS_KEY] = True
         return DataparserOutputs(
