@@ -148,6 +148,7 @@ class CertSDFDataParser(DataParser):
         self._delegate: Optional[DataParser] = None
         self._scene_box: Optional[SceneBox] = None
         self._rgb_capture: Optional[Tuple[torch.Tensor, bool]] = None
+        self._whole_scene_report: Optional[SplitReport] = None
         self.format: Optional[Format] = None
 
     def mask_role(self) -> Literal["object", "sampling"]:
@@ -198,14 +199,18 @@ class CertSDFDataParser(DataParser):
     def _validate(self, split: str) -> SplitReport:
         data = Path(self.config.data)
         sampling_masks = self.mask_role() == "sampling"
+        if self.format in ("neus", "colmap") and self._whole_scene_report is not None:
+            return self._whole_scene_report  # one camera file for every split: checked once
         if self.format == "neus":
-            return validate_neus(data)
+            self._whole_scene_report = validate_neus(data)
+            return self._whole_scene_report
         if self.format == "colmap":
             parser = self.delegate()
             assert isinstance(parser.config, ColmapDataParserConfig)
             report = validate_colmap(data, data / parser.config.colmap_path, data / parser.config.images_path)
             if parser.config.masks_path is not None:
                 check_colmap_masks(report, data / parser.config.masks_path, single_channel=sampling_masks)
+            self._whole_scene_report = report
             return report
         assert self.format is not None
         return validate_split(data, self.format, split, single_channel_masks=sampling_masks)
