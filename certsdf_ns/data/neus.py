@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Type
+from typing import List, Optional, Sequence, Tuple, Type
 
 import cv2
 import numpy as np
@@ -217,68 +217,81 @@ class NeuSDataParserConfig(DataParserConfig):
     """Every N-th view (0, N, 2N, …) is held out for evaluation; 0 trains and evaluates on all views."""
 
 
+def one_scale_mat(layout: NeuSLayout, scale_mats: List[np.ndarray]) -> np.ndarray:
+    """The scene's sphere→world similarity; NeuS allows one per image, the mesh export needs one."""
+    for i, s in enumerate(scale_mats[1:], start=1):
+        if not np.allclose(s, scale_mats[0], rtol=1e-6, atol=1e-6):
+            raise CertSDFInputError(
+                f"{layout.cameras}: scale_mat_{i} differs from scale_mat_0; certsdf needs one sphere→world "
+                "transform for the whole scene."
+            )
+    return scale_mats[0]
+
+
+def sphere_cameras(
+    layout: NeuSLayout, world_mats: List[np.ndarray], scale_mats: List[np.ndarray], indices: Sequence[int]
+) -> Cameras:
+    """nerfstudio Cameras (OpenGL axes, unit-sphere frame) of the views `indices`."""
+    intrinsics, poses = [], []
+    for i in indices:
+        K, c2w = decompose_projection(world_mats[i] @ scale_mats[i])
+        if K[0, 0] <= 0 or K[1, 1] <= 0:
+            raise CertSDFInputError(
+                f"{layout.cameras}: world_mat_{i} gives focal lengths {K[0, 0]:.4g}, {K[1, 1]:.4g}; they must be positive."
+            )
+        intrinsics.append(K)
+        poses.append(opencv_to_opengl(c2w)[:3, :4])
+    K_all = np.stack(intrinsics)
+    skew = float(np.abs(K_all[:, 0, 1]).max())
+    if skew > SKEW_TOLERANCE_PX:
+        warn(f"{layout.cameras}: the intrinsics have a skew of up to {skew:.3g} px, which nerfstudio's cameras ignore.")
+    with Image.open(layout.images[0]) as im:  # validate_neus checked that all images share this size
+        width, height = im.size
+
+    def column(values: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.float32)[:, None]
+
+    return Cameras(
+        camera_to_worlds=torch.as_tensor(np.stack(poses), dtype=torch.float32),
+        fx=column(K_all[:, 0, 0]),
+        fy=column(K_all[:, 1, 1]),
+        # OpenCV (DTU's calibration, NeuS's ray generation) puts pixel centres at integer
+        # coordinates; nerfstudio, like COLMAP, at +0.5 (rays through (i + 0.5, j + 0.5)).
+        cx=column(K_all[:, 0, 2] + 0.5),
+        cy=column(K_all[:, 1, 2] + 0.5),
+        width=torch.full((len(poses), 1), width, dtype=torch.int32),
+        height=torch.full((len(poses), 1), height, dtype=torch.int32),
+        camera_type=CameraType.PERSPECTIVE,
+    )
+
+
+def split_indices(num_views: int, split: str, eval_every: int) -> List[int]:
+    """nerfstudio's interval split: views 0, N, 2N, … are evaluation views; N ≤ 0 uses every view for both."""
+    views = list(range(num_views))
+    i_train, i_eval = (
+        get_train_eval_split_interval(views, eval_every) if eval_every > 0 else get_train_eval_split_all(views)
+    )
+    return [int(i) for i in (i_train if split == "train" else i_eval)]
+
+
 class NeuSDataParser(DataParser):
     """Reads a NeuS/IDR scene into nerfstudio's Cameras, with masks and the sphere→world transform."""
 
     config: NeuSDataParserConfig
 
     def _generate_dataparser_outputs(self, split: str = "train", **kwargs) -> DataparserOutputs:
-        data = Path(self.config.data)
-        layout = read_layout(data)
+        layout = read_layout(Path(self.config.data))
         world_mats, scale_mats = load_matrices(layout)
-        for i, s in enumerate(scale_mats[1:], start=1):
-            if not np.allclose(s, scale_mats[0], rtol=1e-6, atol=1e-6):
-                raise CertSDFInputError(
-                    f"{layout.cameras}: scale_mat_{i} differs from scale_mat_0; certsdf needs one sphere→world "
-                    "transform for the whole scene."
-                )
-        transform, scale = world_to_sphere(scale_mats[0], f"{layout.cameras}: scale_mat_0")
-
-        intrinsics, poses = [], []
-        for i, (world, scale_mat) in enumerate(zip(world_mats, scale_mats)):
-            K, c2w = decompose_projection(world @ scale_mat)
-            if K[0, 0] <= 0 or K[1, 1] <= 0:
-                raise CertSDFInputError(f"{layout.cameras}: world_mat_{i} gives focal lengths {K[0, 0]:.4g}, {K[1, 1]:.4g}; they must be positive.")
-            intrinsics.append(K)
-            poses.append(opencv_to_opengl(c2w))
-        width, height = Image.open(layout.images[0]).size
-        K_all = np.stack(intrinsics)
-        skew = float(np.abs(K_all[:, 0, 1]).max())
-        if skew > SKEW_TOLERANCE_PX:
-            warn(f"{layout.cameras}: the intrinsics have a skew of up to {skew:.3g} px, which nerfstudio's cameras ignore.")
-
-        if self.config.eval_every > 0:
-            i_train, i_eval = get_train_eval_split_interval(layout.images, self.config.eval_every)
-        else:
-            i_train, i_eval = get_train_eval_split_all(layout.images)
-        indices = i_train if split == "train" else i_eval
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-
-        def column(values: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(values, dtype=torch.float32)[idx, None]
-
-        cameras = Cameras(
-            camera_to_worlds=torch.as_tensor(np.stack(poses)[:, :3, :4], dtype=torch.float32)[idx],
-            fx=column(K_all[:, 0, 0]),
-            fy=column(K_all[:, 1, 1]),
-            # OpenCV (DTU's calibration, NeuS's ray generation) puts pixel centres at integer
-            # coordinates; nerfstudio, like COLMAP, at +0.5 (rays through (i + 0.5, j + 0.5)).
-            cx=column(K_all[:, 0, 2] + 0.5),
-            cy=column(K_all[:, 1, 2] + 0.5),
-            width=torch.full((len(idx), 1), width, dtype=torch.int32),
-            height=torch.full((len(idx), 1), height, dtype=torch.int32),
-            camera_type=CameraType.PERSPECTIVE,
-        )
+        transform, scale = world_to_sphere(one_scale_mat(layout, scale_mats), f"{layout.cameras}: scale_mat_0")
+        indices = split_indices(len(layout.images), split, self.config.eval_every)
         r = float(self.config.box_radius)
-        metadata: Dict[str, object] = {}
-        if layout.masks is not None:
-            metadata[FOREGROUND_MASKS_KEY] = True
         return DataparserOutputs(
             image_filenames=[layout.images[i] for i in indices],
-            cameras=cameras,
+            cameras=sphere_cameras(layout, world_mats, scale_mats, indices),
             scene_box=SceneBox(aabb=torch.tensor([[-r, -r, -r], [r, r, r]], dtype=torch.float32)),
             mask_filenames=None if layout.masks is None else [layout.masks[i] for i in indices],
+            # x_sphere = scale·(transform·[x_world; 1]): what certsdf-export undoes to write meshes in the data's frame.
             dataparser_transform=torch.as_tensor(transform, dtype=torch.float32),
             dataparser_scale=float(scale),
-            metadata=metadata,
+            metadata={FOREGROUND_MASKS_KEY: layout.masks is not None},
         )
