@@ -351,6 +351,44 @@ def test_transforms_json_mask_path_keeps_nerfstudio_meaning_unless_asked(tmp_pat
     assert 0.0 < float(item[MASK_BATCH_KEY].mean()) < 1.0
 
 
+def _bad_mask_paths(data: Path, case: str) -> None:
+    meta = json.loads((data / "transforms.json").read_text())
+    if case == "partial":
+        del meta["frames"][2]["mask_path"]
+    elif case == "wrong-size":
+        Image.new("L", (8, 8)).save(data / meta["frames"][1]["mask_path"])
+    elif case == "rgb-sampling-mask":
+        Image.open(data / meta["frames"][3]["mask_path"]).convert("RGB").save(data / meta["frames"][3]["mask_path"])
+    elif case == "missing":
+        (data / meta["frames"][0]["mask_path"]).unlink()
+    (data / "transforms.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("partial", ["transforms.json: 3 of 4 frames have a 'mask_path' (frame 2 has none)"]),
+        ("wrong-size", ["transforms.json, frame 1", "is 8x8 but its image", "is 16x16"]),
+        ("rgb-sampling-mask", ["transforms.json, frame 3", "has 3 channels (RGB)", "single-channel"]),
+        ("missing", ["transforms.json, frame 0", "does not exist"]),
+    ],
+)
+def test_bad_mask_path_is_refused_with_the_file(case, expected, tmp_path, capsys) -> None:
+    """transforms.json masks that nerfstudio would trip over later (an assert, a shape mismatch in the
+    dataloader): exit status 2 and the file named, before any image is loaded."""
+    from certsdf_ns.data.scenes import make_scene
+
+    data = _blender_to_nerfstudio(make_scene(tmp_path / "scene", image_size=16, n_train=4, n_val=1, n_test=1), tmp_path / "ns")
+    _bad_mask_paths(data, case)
+    with pytest.raises(SystemExit) as exit_info:
+        CertSDFDataParserConfig(data=data).setup().get_dataparser_outputs("train")
+    assert exit_info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert str(data) in err
+    for text in expected:
+        assert text in err, (text, err)
+
+
 # --------------------------------------------------------------------------- distortion, real captures
 @needs_real
 def test_transforms_json_distortion_is_honoured(fruit) -> None:
@@ -366,6 +404,26 @@ def test_transforms_json_distortion_is_honoured(fruit) -> None:
     plain.distortion_params = None
     undistorted = plain.generate_rays(camera_indices=0, coords=corner).directions
     assert float((distorted - undistorted).norm()) > 1e-3  # the rays are undistorted by nerfstudio
+
+
+@needs_real
+def test_colmap_lens_distortion_reaches_nerfstudio_cameras(cup, tmp_path) -> None:
+    """An OPENCV camera (fx fy cx cy k1 k2 p1 p2) in cameras.bin: nerfstudio's COLMAP parser puts
+    k1 k2 p1 p2 into the Cameras, and the scene is a real capture split every 8th view."""
+    from nerfstudio.data.utils import colmap_parsing_utils as colmap_utils
+
+    data = tmp_path / "cup"
+    shutil.copytree(cup, data)
+    cameras = colmap_utils.read_cameras_binary(data / "sparse" / "0" / "cameras.bin")
+    opencv = {cid: cam._replace(model="OPENCV", params=np.array([cam.params[0], cam.params[0], cam.params[1], cam.params[2], -0.05, 0.01, 0.002, -0.001]))
+              for cid, cam in cameras.items()}  # fmt: skip
+    colmap_utils.write_cameras_binary(opencv, data / "sparse" / "0" / "cameras.bin")
+    parser = CertSDFDataParserConfig(data=data).setup()
+    train, val = parser.get_dataparser_outputs("train"), parser.get_dataparser_outputs("val")
+    assert parser.format == "colmap" and len(train.image_filenames) + len(val.image_filenames) == 77
+    assert len(val.image_filenames) == 10  # views 0, 8, …, 72
+    torch.testing.assert_close(train.cameras.distortion_params[0], torch.tensor([-0.05, 0.01, 0.0, 0.0, 0.002, -0.001]))
+    assert train.metadata[REAL_CAPTURE_KEY] is True and "points3D_xyz" not in train.metadata
 
 
 def test_blender_layout_photographs_are_flagged_as_real_captures(tmp_path) -> None:
