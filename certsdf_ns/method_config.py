@@ -15,12 +15,12 @@ from __future__ import annotations
 import torch
 
 from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
-from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from certsdf_ns.console import silence_known_noise
 from certsdf_ns.method.model import CertSDFModelConfig
 from certsdf_ns.pipeline import CertSDFPipelineConfig
+from certsdf_ns.data.datamanager import CertSDFDataManagerConfig
 from certsdf_ns.data.dataparser import CertSDFDataParserConfig
 from certsdf_ns.training.optim import FusedAdamOptimizerConfig, PlainFloatExponentialDecaySchedulerConfig
 from certsdf_ns.training.trainer import CertSDFTrainerConfig
@@ -38,7 +38,7 @@ certsdf_trainer_config = CertSDFTrainerConfig(
     mixed_precision=HAS_CUDA,
     machine=MachineConfig(device_type="cuda" if HAS_CUDA else "cpu"),
     pipeline=CertSDFPipelineConfig(
-        datamanager=VanillaDataManagerConfig(
+        datamanager=CertSDFDataManagerConfig(
             dataparser=CertSDFDataParserConfig(),
             train_num_rays_per_batch=4096,
             eval_num_rays_per_batch=4096,

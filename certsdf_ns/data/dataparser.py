@@ -1,10 +1,14 @@
-"""A dataparser that detects Blender/NeRF-synthetic and nerfstudio formats.
+"""A dataparser that detects the scene format: Blender/NeRF-synthetic, nerfstudio, NeuS/IDR, COLMAP.
 
 `ns-train certsdf --data DIR` takes no dataparser subcommand: this parser looks at DIR,
-picks nerfstudio's own Blender or Nerfstudio parser, and applies the matching preset from
-`data_configs/`. It also fixes one trap of nerfstudio's Blender parser: trimmed copies of
-NeRF-synthetic often lack `transforms_val.json`, and evaluation then falls back to the
-test split (with one warning) instead of raising FileNotFoundError.
+picks nerfstudio's own Blender, Nerfstudio or COLMAP parser (or :mod:`certsdf_ns.data.neus`
+for NeuS/IDR, which nerfstudio does not read), and applies the matching preset from
+`data_configs/`. Every scene is checked first (:mod:`certsdf_ns.data.validation`), so bad
+input ends in one message naming the file, exit status 2.
+
+It also fixes one trap of nerfstudio's Blender parser: trimmed copies of NeRF-synthetic often
+lack `transforms_val.json`, and evaluation then falls back to the test split (with one
+warning) instead of raising FileNotFoundError.
 """
 
 from __future__ import annotations
@@ -13,21 +17,43 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Literal, Optional, Type
+from typing import Any, Dict, Literal, Optional, Tuple, Type
 
 import torch
 
 from nerfstudio.data.dataparsers.base_dataparser import DataParser, DataParserConfig, DataparserOutputs
 from nerfstudio.data.dataparsers.blender_dataparser import Blender, BlenderDataParserConfig
+from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.data.scene_box import SceneBox
 
 from certsdf_ns.console import log, warn
-from certsdf_ns.data.validation import BACKGROUND_KEY, background_for_rgb_images, validate_split
+from certsdf_ns.data.neus import NEUS_CAMERAS, NeuSDataParserConfig, validate_neus
+from certsdf_ns.data.validation import (
+    BACKGROUND_KEY,
+    FOREGROUND_MASKS_KEY,
+    REAL_CAPTURE_KEY,
+    SplitReport,
+    background_for_rgb_images,
+    check_colmap_masks,
+    colmap_model_dir,
+    validate_colmap,
+    validate_split,
+)
 from certsdf_ns.errors import CertSDFInputError, exit_cleanly
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "data_configs"
-Format = Literal["blender", "nerfstudio"]
+Format = Literal["blender", "nerfstudio", "neus", "colmap"]
+# What each format needs, for the error on a folder certsdf cannot read.
+FORMAT_FILES = {
+    "blender": "Blender/NeRF-synthetic: transforms_train.json (+ transforms_val.json, transforms_test.json) "
+    "and the PNG images their file_path entries name",
+    "nerfstudio": "nerfstudio (ns-process-data, instant-ngp): transforms.json with fl_x, fl_y, cx, cy, w, h "
+    "(optional k1 k2 p1 p2, per-frame mask_path) and the images it lists",
+    "neus": f"NeuS/IDR (DTU, BlendedMVS): {NEUS_CAMERAS} (world_mat_i, scale_mat_i), image/ (or images/), "
+    "optional mask/ (or masks/)",
+    "colmap": "COLMAP: sparse/0/cameras.bin and sparse/0/images.bin (or .txt; points3D optional) and images/",
+}
 
 
 class DataFormatError(CertSDFInputError):
@@ -35,17 +61,18 @@ class DataFormatError(CertSDFInputError):
 
 
 def detect_format(data: Path) -> Format:
-    """Blender if `transforms_train.json` is there, nerfstudio if `transforms.json` is.
+    """The first match of: transforms_train.json (blender), transforms.json (nerfstudio),
+    cameras_sphere.npz (neus), a COLMAP model in sparse/0, colmap/sparse/0 or sparse (colmap).
 
     `data` must be a readable folder (or a nerfstudio transforms.json): anything else (a broken
     link, a device, a folder that cannot be listed) is refused here with what it is.
     """
+    formats = "; ".join(f"{i}) {text}" for i, text in enumerate(FORMAT_FILES.values(), 1))
     if not data.exists():
         if data.is_symlink():
             raise DataFormatError(f"data path {data} is a broken symbolic link (to {os.readlink(data)}).")
         raise DataFormatError(
-            f"data path {data} does not exist; --data must be a scene folder holding transforms_train.json "
-            "(Blender/NeRF-synthetic) or transforms.json (nerfstudio format)."
+            f"data path {data} does not exist; --data must be a scene folder in one of these formats: {formats}."
         )
     if data.is_file():
         if data.suffix == ".json":
@@ -63,11 +90,16 @@ def detect_format(data: Path) -> Format:
         return "blender"
     if "transforms.json" in names:
         return "nerfstudio"
+    if NEUS_CAMERAS in names:
+        return "neus"
+    if colmap_model_dir(data) is not None:
+        return "colmap"
     if not names:
         raise DataFormatError(f"data folder {data} is empty.")
+    found = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in data.iterdir())[:8])
     raise DataFormatError(
-        f"{data} holds neither transforms_train.json (Blender/NeRF-synthetic) nor transforms.json "
-        "(nerfstudio format); certsdf cannot tell how to read it."
+        f"{data} (holding {found}) matches none of the formats certsdf reads, so it cannot tell how to read it. "
+        f"It needs: {formats}."
     )
 
 
@@ -99,15 +131,26 @@ class BlenderWithValFallbackConfig(BlenderDataParserConfig):
 
 @dataclass
 class CertSDFDataParserConfig(DataParserConfig):
-    """Format-detecting dataparser (Blender/NeRF-synthetic or nerfstudio)."""
+    """Format-detecting dataparser (Blender/NeRF-synthetic, nerfstudio, NeuS/IDR or COLMAP)."""
 
     _target: Type = field(default_factory=lambda: CertSDFDataParser)
     data: Path = Path("data/nerf_synthetic/lego")
     """Scene folder (or a nerfstudio transforms.json)."""
-    format: Literal["auto", "blender", "nerfstudio"] = "auto"
+    format: Literal["auto", "blender", "nerfstudio", "neus", "colmap"] = "auto"
     """Input format; 'auto' detects it from the files present."""
     preset_dir: Path = PRESET_DIR
-    """Folder of per-format presets (`blender.json`, `nerfstudio.json`)."""
+    """Folder of per-format presets (`blender.json`, `nerfstudio.json`, `neus.json`, `colmap.json`)."""
+    eval_every: int = 8
+    """NeuS/IDR and COLMAP: every N-th view (0, N, 2N, …) is held out for evaluation; 0 trains and evaluates
+    on all views. Blender scenes use their split files; transforms.json its preset's split (nerfstudio's 90/10)."""
+    box_radius: Optional[float] = None
+    """Half edge of the scene box (the certified grid) in the dataparser's frame. None keeps the format's:
+    1 for NeuS/IDR (the unit sphere's box), 1.5 for Blender, 1 for nerfstudio and COLMAP (poses scaled into [-1, 1]³)."""
+    mask_role: Literal["auto", "object", "sampling"] = "auto"
+    """What masks mean. 'object': white = object; they supervise the foreground's accumulation (batch key
+    'certsdf_mask') and rays are sampled everywhere. 'sampling': nerfstudio's meaning, rays only where the
+    mask is set. 'auto': 'object' for NeuS/IDR (mask/ holds object masks), 'sampling' for transforms.json
+    mask_path and COLMAP masks/ (ns-process-data writes validity masks there)."""
 
 
 class CertSDFDataParser(DataParser):
@@ -118,7 +161,15 @@ class CertSDFDataParser(DataParser):
     def __init__(self, config: CertSDFDataParserConfig) -> None:
         super().__init__(config)
         self._delegate: Optional[DataParser] = None
+        self._scene_box: Optional[SceneBox] = None
+        self._rgb_capture: Optional[Tuple[torch.Tensor, bool]] = None
+        self._whole_scene_report: Optional[SplitReport] = None
         self.format: Optional[Format] = None
+
+    def mask_role(self) -> Literal["object", "sampling"]:
+        if self.config.mask_role != "auto":
+            return self.config.mask_role
+        return "object" if self.format == "neus" else "sampling"
 
     def delegate(self) -> DataParser:
         if self._delegate is None:
@@ -126,28 +177,79 @@ class CertSDFDataParser(DataParser):
             fmt: Format = detect_format(data) if self.config.format == "auto" else self.config.format
             preset = load_preset(fmt, self.config.preset_dir)
             self.format = fmt
+            box = preset.pop("scene_box", None)
             if fmt == "blender":
-                box = preset.pop("scene_box", None)
                 parser = BlenderWithValFallbackConfig(data=data, **preset).setup()
-                self._scene_box = None if box is None else SceneBox(aabb=torch.tensor(box, dtype=torch.float32))
-            else:
+            elif fmt == "nerfstudio":
                 parser = NerfstudioDataParserConfig(data=data, **preset).setup()
-                self._scene_box = None
+            elif fmt == "neus":
+                parser = NeuSDataParserConfig(data=data, eval_every=self.config.eval_every, **preset).setup()
+            else:
+                parser = self._colmap_config(data, preset).setup()
+            if self.config.box_radius is not None:
+                r = float(self.config.box_radius)
+                box = [[-r, -r, -r], [r, r, r]]
+            self._scene_box = None if box is None else SceneBox(aabb=torch.tensor(box, dtype=torch.float32))
             log(f"{data}: {fmt} format")
             self._delegate = parser
         return self._delegate
+
+    def _colmap_config(self, data: Path, preset: Dict[str, Any]) -> ColmapDataParserConfig:
+        """nerfstudio's COLMAP parser on the model folder found by detection, split every `eval_every` views."""
+        model_dir = colmap_model_dir(data)
+        if model_dir is None:
+            raise DataFormatError(f"{data} holds no COLMAP model; {FORMAT_FILES['colmap']}.")
+        has_points = any((model_dir / f"points3D.{ext}").is_file() for ext in ("bin", "txt"))
+        return ColmapDataParserConfig(
+            data=data,
+            colmap_path=model_dir.relative_to(data),
+            # nerfstudio's default (True) raises when the model has no points3D; they are optional here.
+            load_3D_points=has_points,
+            masks_path=Path("masks") if (data / "masks").is_dir() else None,
+            eval_mode="interval" if self.config.eval_every > 0 else "all",
+            eval_interval=max(self.config.eval_every, 1),
+            **preset,
+        )
+
+    def _validate(self, split: str) -> SplitReport:
+        data = Path(self.config.data)
+        sampling_masks = self.mask_role() == "sampling"
+        if self.format in ("neus", "colmap") and self._whole_scene_report is not None:
+            return self._whole_scene_report  # one camera file for every split: checked once
+        if self.format == "neus":
+            self._whole_scene_report = validate_neus(data)
+            return self._whole_scene_report
+        if self.format == "colmap":
+            parser = self.delegate()
+            assert isinstance(parser.config, ColmapDataParserConfig)
+            report = validate_colmap(data, data / parser.config.colmap_path, data / parser.config.images_path)
+            if parser.config.masks_path is not None:
+                check_colmap_masks(report, data / parser.config.masks_path, single_channel=sampling_masks)
+            self._whole_scene_report = report
+            return report
+        assert self.format is not None
+        return validate_split(data, self.format, split, single_channel_masks=sampling_masks)
 
     def _generate_dataparser_outputs(self, split: str = "train", **kwargs: Any) -> DataparserOutputs:
         # Every frame is checked before nerfstudio's parser sees it: bad data ends in one
         # paragraph naming the file and frame, not a traceback from deep inside nerfstudio.
         with exit_cleanly():
             parser = self.delegate()
-            assert self.format is not None
-            report = validate_split(Path(self.config.data), self.format, split)
-        outputs = parser.get_dataparser_outputs(split, **kwargs)
-        if split == "train" and not report.has_alpha:
-            # The model reads this from the train dataset's metadata (see validation.background_for_rgb_images).
-            outputs.metadata[BACKGROUND_KEY] = background_for_rgb_images(report)
+            report = self._validate(split)
+            outputs = parser.get_dataparser_outputs(split, **kwargs)
+            if not report.has_alpha and self._rgb_capture is None:
+                # Photographs of real scenes are known to be such from their format; Blender and
+                # nerfstudio scenes without alpha are judged by their background.
+                self._rgb_capture = background_for_rgb_images(report, real_capture=self.format in ("neus", "colmap"))
+        if self._rgb_capture is not None:
+            colour, real = self._rgb_capture
+            # The model reads these from the train dataset's metadata (see validation.background_for_rgb_images).
+            outputs.metadata[BACKGROUND_KEY] = colour
+            outputs.metadata[REAL_CAPTURE_KEY] = real
+        else:
+            outputs.metadata[REAL_CAPTURE_KEY] = False
+        if outputs.mask_filenames is not None:
+            outputs.metadata[FOREGROUND_MASKS_KEY] = self.mask_role() == "object"
         if self._scene_box is not None:
             outputs.scene_box = self._scene_box
         return outputs

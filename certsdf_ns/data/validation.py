@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from struct import error as struct_error
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -56,6 +57,15 @@ IMAGE_MODE_PROBLEMS = {
 }
 BACKGROUND_KEY = "certsdf_background"
 """Dataparser metadata key: fixed background colour [3] for images without alpha."""
+REAL_CAPTURE_KEY = "certsdf_real_capture"
+"""Dataparser metadata key: True for photographs of a real scene (no alpha, a background that is not
+one plain colour; every NeuS/IDR and COLMAP scene). A background model can switch on from it."""
+FOREGROUND_MASKS_KEY = "certsdf_foreground_masks"
+"""Dataparser metadata key: True when `mask_filenames` are object masks (white = object) that supervise
+the foreground's accumulation, to be delivered as `MASK_BATCH_KEY` with rays sampled everywhere,
+rather than nerfstudio's sampling masks (rays only where the mask is set)."""
+MASK_BATCH_KEY = "certsdf_mask"
+"""Batch key of the object mask in [0, 1] (per ray in training, [H, W, 1] in evaluation)."""
 
 
 @dataclass
@@ -63,7 +73,7 @@ class SplitReport:
     """What the checks learnt about one split."""
 
     transforms: Path
-    """The transforms JSON that was checked."""
+    """The camera file that was checked (transforms JSON, cameras_sphere.npz or COLMAP images.bin)."""
     image_files: List[Path]
     """Image of every frame, in file order."""
     has_alpha: bool
@@ -252,7 +262,7 @@ def validate_blender_split(data: Path, split: str) -> SplitReport:
     return _check_frames(transforms, meta["frames"], lambda f: data / (f["file_path"].replace("./", "") + ".png"))
 
 
-def validate_nerfstudio(data: Path) -> SplitReport:
+def validate_nerfstudio(data: Path, single_channel_masks: bool = False) -> SplitReport:
     """Check a nerfstudio-format transforms.json: intrinsics, poses and every image."""
     transforms = data if data.suffix == ".json" else data / "transforms.json"
     root = transforms.parent
@@ -275,7 +285,50 @@ def validate_nerfstudio(data: Path) -> SplitReport:
     def declared(frame: Dict[str, Any]) -> Tuple[int, int]:
         return int(frame.get("w", meta.get("w"))), int(frame.get("h", meta.get("h")))
 
-    return _check_frames(transforms, meta["frames"], lambda f: root / f["file_path"], expected_size=declared)
+    report = _check_frames(transforms, meta["frames"], lambda f: root / f["file_path"], expected_size=declared)
+    check_mask_paths(transforms, meta["frames"], root, report, single_channel=single_channel_masks)
+    return report
+
+
+def check_mask_paths(
+    transforms: Path, frames: List[Dict[str, Any]], root: Path, report: SplitReport, single_channel: bool
+) -> None:
+    """Per-frame `mask_path`: on every frame or none, each readable and of its image's size.
+
+    `single_channel`: nerfstudio's own mask loader (sampling masks) accepts one band only.
+    """
+    with_mask = [i for i, f in enumerate(frames) if "mask_path" in f]
+    if not with_mask:
+        return
+    if len(with_mask) != len(frames):
+        missing = next(i for i, f in enumerate(frames) if "mask_path" not in f)
+        raise CertSDFInputError(
+            f"{transforms}: {len(with_mask)} of {len(frames)} frames have a 'mask_path' (frame {missing} has none); "
+            "give a mask for every frame or for none."
+        )
+    for i, (frame, image) in enumerate(zip(frames, report.image_files)):
+        mask = root / frame["mask_path"]
+        where = f"{transforms}, frame {i} (mask_path '{frame['mask_path']}')"
+        if not mask.is_file():
+            raise CertSDFInputError(f"{where}: mask {mask} does not exist.")
+        check_mask(mask, image, where, single_channel)
+
+
+def check_mask(mask: Path, image: Path, where: str, single_channel: bool = False) -> None:
+    """A mask must be readable and of its image's size (and one band for nerfstudio's loader)."""
+    (mw, mh), _ = check_image(mask, where)
+    with Image.open(image) as im:
+        iw, ih = im.size
+    if (mw, mh) != (iw, ih):
+        raise CertSDFInputError(f"{where}: mask {mask} is {mw}x{mh} but its image {image} is {iw}x{ih}.")
+    if single_channel:
+        with Image.open(mask) as m:
+            bands = m.getbands()
+        if len(bands) != 1:
+            raise CertSDFInputError(
+                f"{where}: mask {mask} has {len(bands)} channels ({''.join(bands)}); nerfstudio's sampling masks "
+                "must be single-channel (L or 1)."
+            )
 
 
 def estimate_background(files: List[Path]) -> Tuple[Float[Tensor, "3"], float]:
@@ -292,33 +345,121 @@ def estimate_background(files: List[Path]) -> Tuple[Float[Tensor, "3"], float]:
     return torch.tensor(median, dtype=torch.float32), uniform
 
 
-def background_for_rgb_images(report: SplitReport) -> Float[Tensor, "3"]:
-    """The fixed background to train and evaluate with when the images have no alpha.
+def background_for_rgb_images(report: SplitReport, real_capture: bool = False) -> Tuple[Float[Tensor, "3"], bool]:
+    """The fixed background to train and evaluate with when the images have no alpha, and whether
+    the scene is a real capture.
 
     With RGB targets, certsdf's default random-background training composites the random
     colour on the *prediction* only (the target has no alpha to composite), so empty space is
     penalised wherever the image background differs from the random colour: the model would
     build the background into geometry at the walls of the scene box. With a constant
     background equal to the images' own, empty space reproduces the background for free.
+
+    A background that is not one plain colour (or `real_capture`, known from the format) marks
+    a real capture: a photograph whose background reaches beyond the scene box. That is recorded
+    (:data:`REAL_CAPTURE_KEY`) rather than refused, so a background model can take it over.
     """
     colour, uniform = estimate_background(report.image_files)
     rgb = ", ".join(f"{c:.2f}" for c in colour.tolist())
-    warn(
-        f"the images of {report.transforms} have no alpha channel, so training cannot "
-        f"use random backgrounds. Training and evaluation composite the constant background ({rgb}) estimated "
-        f"from the image borders instead."
-    )
-    if uniform < BACKGROUND_UNIFORM_FRACTION:
+    real = real_capture or uniform < BACKGROUND_UNIFORM_FRACTION
+    if real:
         warn(
-            f"only {uniform:.0%} of the border pixels are close to that colour: the "
-            "background is not uniform and will partly be modelled as geometry. Provide RGBA images (alpha 0 "
-            "on the background) for a clean surface."
+            f"{report.transforms}: real capture (images without alpha; {uniform:.0%} of the border pixels are "
+            f"near their median colour). Recorded as metadata '{REAL_CAPTURE_KEY}'. Until a background model "
+            f"models what lies outside the scene box, training and evaluation composite the constant background "
+            f"({rgb}) estimated from the image borders, and the rest of the background will partly be modelled as "
+            "geometry; object masks (a mask/ folder, or mask_path in transforms.json) supervise the silhouette."
         )
-    return colour
+    else:
+        warn(
+            f"the images of {report.transforms} have no alpha channel, so training cannot "
+            f"use random backgrounds. Training and evaluation composite the constant background ({rgb}) estimated "
+            f"from the image borders instead."
+        )
+    return colour, real
 
 
-def validate_split(data: Path, fmt: str, split: str) -> SplitReport:
-    """Check the frames nerfstudio's parser will read for `split` of a scene in format `fmt`."""
+COLMAP_MODEL_DIRS = ("sparse/0", "colmap/sparse/0", "sparse")
+"""Where a COLMAP reconstruction is looked for, relative to the scene folder (first match wins)."""
+
+
+def colmap_model_dir(data: Path) -> Optional[Path]:
+    """The first of COLMAP_MODEL_DIRS holding cameras or images (.bin or .txt), or None."""
+    for rel in COLMAP_MODEL_DIRS:
+        folder = data / rel
+        if any((folder / f"{name}.{ext}").is_file() for name in ("cameras", "images") for ext in ("bin", "txt")):
+            return folder
+    return None
+
+
+def validate_colmap(data: Path, model_dir: Path, images_dir: Path) -> SplitReport:
+    """Check a COLMAP scene: cameras and images files present, every registered image on disk at its camera's size."""
+    # nerfstudio's own COLMAP reader (the dataparser reads the model again with it).
+    from nerfstudio.data.utils import colmap_parsing_utils as colmap_utils
+
+    ext = "bin" if (model_dir / "cameras.bin").is_file() or (model_dir / "images.bin").is_file() else "txt"
+    cameras_file, images_file = model_dir / f"cameras.{ext}", model_dir / f"images.{ext}"
+    for path, what in ((cameras_file, "the camera intrinsics"), (images_file, "the image poses")):
+        if not path.is_file():
+            raise CertSDFInputError(
+                f"{path} does not exist; a COLMAP scene needs cameras.{ext} and images.{ext} ({what}) in {model_dir}."
+            )
+    try:
+        if ext == "bin":
+            cameras, images = colmap_utils.read_cameras_binary(cameras_file), colmap_utils.read_images_binary(images_file)
+        else:
+            cameras, images = colmap_utils.read_cameras_text(cameras_file), colmap_utils.read_images_text(images_file)
+    except (OSError, ValueError, KeyError, IndexError, struct_error) as err:
+        raise CertSDFInputError(f"{model_dir}: the COLMAP model cannot be read ({type(err).__name__}: {err}).") from err
+    if not images:
+        raise CertSDFInputError(f"{images_file} registers no images: nothing to train on.")
+    # nerfstudio's parser converts every camera (unsupported models raise deep inside it) and
+    # asserts one model for the whole scene; both are checked here to name the file instead.
+    from nerfstudio.process_data.colmap_utils import parse_colmap_camera_params
+
+    for camera in cameras.values():
+        try:
+            parse_colmap_camera_params(camera)
+        except (NotImplementedError, ValueError) as err:
+            raise CertSDFInputError(f"{cameras_file}, camera {camera.id}: {err}") from err
+    models = sorted({cameras[entry.camera_id].model for entry in images.values() if entry.camera_id in cameras})
+    if len(models) > 1:
+        raise CertSDFInputError(
+            f"{cameras_file}: the images use several camera models ({', '.join(models)}); nerfstudio's COLMAP "
+            "parser needs one (re-run COLMAP with a single camera model)."
+        )
+    files: List[Path] = []
+    for image_id in sorted(images):
+        entry = images[image_id]
+        where = f"{images_file}, image {image_id} ('{entry.name}')"
+        if entry.camera_id not in cameras:
+            raise CertSDFInputError(f"{where}: camera {entry.camera_id} is not in {cameras_file}.")
+        size, _ = check_image(images_dir / entry.name, where)
+        camera = cameras[entry.camera_id]
+        if size != (camera.width, camera.height):
+            raise CertSDFInputError(
+                f"{where}: image {images_dir / entry.name} is {size[0]}x{size[1]} but camera {entry.camera_id} in "
+                f"{cameras_file} is {camera.width}x{camera.height}."
+            )
+        files.append(images_dir / entry.name)
+    return SplitReport(transforms=images_file, image_files=files, has_alpha=False)
+
+
+def check_colmap_masks(report: SplitReport, masks_dir: Path, single_channel: bool) -> None:
+    """nerfstudio's COLMAP parser reads masks/<image name>.png for every image when masks/ exists."""
+    for image in report.image_files:
+        mask = (masks_dir / image.name).with_suffix(".png")
+        where = f"{masks_dir} (mask of {image.name})"
+        if not mask.is_file():
+            raise CertSDFInputError(
+                f"{where}: mask {mask} does not exist; with a masks/ folder every image needs masks/<name>.png."
+            )
+        check_mask(mask, image, where, single_channel)
+
+
+def validate_split(data: Path, fmt: str, split: str, single_channel_masks: bool = False) -> SplitReport:
+    """Check the frames nerfstudio's parser will read for `split` of a scene in format `fmt`
+    (blender or nerfstudio; NeuS/IDR and COLMAP have their own checks)."""
     if fmt == "blender":
         return validate_blender_split(data, split)
-    return validate_nerfstudio(data)
+    return validate_nerfstudio(data, single_channel_masks=single_channel_masks)

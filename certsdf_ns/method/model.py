@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Literal, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float
 from torch import Tensor
 from torch.nn import Parameter
 from torchmetrics.functional import structural_similarity_index_measure
@@ -31,7 +32,7 @@ from nerfstudio.utils.colors import get_color
 
 from certsdf_ns.certified import sample_grid
 from certsdf_ns.console import log
-from certsdf_ns.data.validation import BACKGROUND_KEY
+from certsdf_ns.data.validation import BACKGROUND_KEY, MASK_BATCH_KEY
 from certsdf_ns.errors import CertSDFInputError, exit_cleanly
 from certsdf_ns.method.checkpoint_fit import fit_message, fit_problems
 from certsdf_ns.method.field import CertSDFField, CertSDFFieldConfig
@@ -59,6 +60,24 @@ def annealed(start: float, end: float, step: int, steps: int) -> float:
         return float(end)
     t = min(max(step / steps, 0.0), 1.0)
     return float(math.exp((1.0 - t) * math.log(start) + t * math.log(end)))
+
+
+# -- object masks (certsdf_ns.data.datamanager delivers them as batch[MASK_BATCH_KEY]) -------------
+def foreground_target(batch: Dict[str, Tensor], image: Float[Tensor, "*bs C"]) -> Optional[Float[Tensor, "*bs 1"]]:
+    """What the foreground's accumulation should be: the object mask when the data has one,
+    else the alpha of RGBA images, else nothing (RGB only)."""
+    if MASK_BATCH_KEY in batch:
+        return batch[MASK_BATCH_KEY].to(image.device)
+    return image[..., 3:4] if image.shape[-1] == 4 else None
+
+
+def psnr_inside(pred: Float[Tensor, "H W 3"], gt: Float[Tensor, "H W 3"], mask: Float[Tensor, "H W 1"]) -> float:
+    """PSNR over the pixels whose mask is above one half (the object); NaN for an empty mask."""
+    inside = mask[..., 0] > 0.5
+    if not inside.any():
+        return float("nan")
+    mse = ((pred[inside] - gt[inside]) ** 2).mean().clamp_min(1e-10)
+    return float(-10.0 * torch.log10(mse))
 
 
 @dataclass
@@ -106,7 +125,7 @@ class CertSDFModelConfig(ModelConfig, CertSDFFieldConfig):
     """Weight of total variation of the occupancy grid (suppresses isolated floaters)."""
     alpha_loss_mult: float = 0.1
     """Weight of a binary cross-entropy between each ray's accumulation and its pixel's alpha, on
-    RGBA data only (NeRF-synthetic); 0 turns it off. Random backgrounds penalise a haze of opacity
+    RGBA data (NeRF-synthetic), or its object mask where the data has masks (NeuS/IDR mask/); 0 turns it off. Random backgrounds penalise a haze of opacity
     a only through its colour error, ~a², whose gradient vanishes as a → 0: on lego a ~5% haze
     over most of the background survives 10 minutes of training. The BCE's gradient does not."""
 
@@ -341,9 +360,10 @@ class CertSDFModel(Model):
             if cfg.tv_loss_mult > 0:
                 tv = sum((occ.diff(dim=d) ** 2).mean() for d in range(3))
                 loss["tv_loss"] = cfg.tv_loss_mult * tv
-            if cfg.alpha_loss_mult > 0 and image.shape[-1] == 4:
+            target = foreground_target(batch, image)
+            if cfg.alpha_loss_mult > 0 and target is not None:
                 accumulation = outputs["accumulation"].clamp(1e-5, 1.0 - 1e-5)
-                loss["alpha_loss"] = cfg.alpha_loss_mult * F.binary_cross_entropy(accumulation, image[..., 3:4])
+                loss["alpha_loss"] = cfg.alpha_loss_mult * F.binary_cross_entropy(accumulation, target.to(accumulation))
         return loss
 
     def get_rgba_image(self, outputs: Dict[str, Tensor], output_name: str = "rgb") -> Tensor:
@@ -383,6 +403,8 @@ class CertSDFModel(Model):
         pred = outputs["rgb"]
         gt_b, pred_b = torch.moveaxis(gt, -1, 0)[None], torch.moveaxis(pred, -1, 0)[None]
         metrics = {"psnr": float(self.psnr(gt_b, pred_b).item()), "ssim": float(self.ssim(gt_b, pred_b))}
+        if MASK_BATCH_KEY in batch:
+            metrics["psnr_masked"] = psnr_inside(pred, gt, batch[MASK_BATCH_KEY].to(pred))
         lpips = self._lpips_module()
         if lpips is not None:
             metrics["lpips"] = float(lpips(gt_b, pred_b))
