@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Parameter
 
-from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.cameras.rays import RayBundle, RaySamples
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.model_components.ray_samplers import PDFSampler, UniformSampler
 from nerfstudio.model_components.renderers import AccumulationRenderer, DepthRenderer, NormalsRenderer, RGBRenderer
@@ -28,7 +28,7 @@ from nerfstudio.utils import colormaps
 from nerfstudio.utils.colors import get_color
 
 from certsdf_ns import ns_export_compat
-from certsdf_ns.certified import sample_grid
+from certsdf_ns.certified import sample_grid, unbiased_alphas
 from certsdf_ns.certsdf_field import CertSDFField, pick_backend
 from certsdf_ns.console import log
 from certsdf_ns.sdf_views import ray_sdf_outputs
@@ -73,6 +73,19 @@ class CertSDFModelConfig(ModelConfig):
     """Length of the σ and s schedules."""
     eps: float = 1e-5
     """p̂ is clamped to [eps, 1−eps]: the SDF is bounded by ±σ·Φ⁻¹(1−eps)."""
+    density_map: Literal["unbiased", "paper"] = "paper"
+    """How the certified SDF becomes opacity along a ray. 'paper': density −density_scale·ln(1 +
+    density_eps − sigmoid(−sdf/s)) at the sample midpoints (Pérez S. et al.). 'unbiased': NeuS's
+    discrete opacity from the SDF at the sample-interval end points
+    (`certsdf_ns.certified.unbiased_alphas`): transmittance is ½ exactly where sdf = 0, on head-on
+    and grazing (silhouette) rays alike, so the images place the zero set on the object's surface.
+    Costs one extra SDF lookup per ray."""
+    unbiased_warmup_steps: int = 20
+    """With density_map 'unbiased': steps rendered with the paper map first. The unbiased opacity
+    depends only on SDF differences along a ray, and the initial grid has a constant SDF (no surface),
+    so on its own it gets almost no gradient; the paper map forms a first surface."""
+    unbiased_blend_steps: int = 20
+    """Then steps over which the opacity is blended linearly from the paper map to the unbiased one."""
     density_scale: float = 30.0
     """The paper's density map: density = −density_scale·ln(1 + density_eps − G)."""
     density_eps: float = 1e-6
@@ -145,6 +158,7 @@ class CertSDFModel(Model):
         cfg = self.config
         aabb = self.scene_box.aabb.float()
         self.voxel = float(((aabb[1] - aabb[0]) / (cfg.grid_resolution - 1)).min())
+        self.schedule_step: Optional[int] = None  # the training step the σ/s schedule was last set to
         backend = pick_backend(cfg.backend)
         cfg.backend = backend  # record the resolved backend in the saved config
         self.field = CertSDFField(
@@ -200,6 +214,7 @@ class CertSDFModel(Model):
         sigma, sharpness = self.viewer_controls.on_schedule_step(step, sigma, sharpness)
         self.field.geometry.sigma = sigma * self.voxel
         self.field.sharpness = sharpness * self.voxel
+        self.schedule_step = step
 
     def update_to_step(self, step: int) -> None:
         """Called by the pipeline when a checkpoint is loaded: σ and s are not parameters,
@@ -233,13 +248,10 @@ class CertSDFModel(Model):
         )
         coarse = self.uniform_sampler(ray_bundle, num_samples=n_coarse)
         with torch.no_grad():
-            coarse_density = field_.density_at(coarse.frustums.get_positions(), sdf_grid.detach())
-            coarse_weights = coarse.get_weights(coarse_density)
+            coarse_weights, _ = self.render_weights(coarse, sdf_grid.detach())
         samples = self.pdf_sampler(ray_bundle, coarse, coarse_weights, num_samples=n_fine)
         positions = samples.frustums.get_positions()
-        density = field_.density_at(positions, sdf_grid)
-        alphas = 1.0 - torch.exp(-samples.deltas * density)
-        weights, transmittance = samples.get_weights_and_transmittance_from_alphas(alphas)
+        weights, transmittance = self.render_weights(samples, sdf_grid)
 
         # Colour only where it can change the pixel: the few heaviest samples of each ray
         # (early in training, fog gives every sample some weight; the cap bounds the cost).
@@ -285,6 +297,40 @@ class CertSDFModel(Model):
                 outputs["num_colour_samples"] = active.sum(dim=-1, keepdim=True).float()
                 outputs.update(ray_sdf_outputs(sdf, field_.geometry.max_distance, band=0.5 * self.voxel))
         return outputs
+
+    def unbiased_fraction(self) -> float:
+        """Weight of the unbiased opacity in the blend (0 during the paper warm-up, then 1)."""
+        cfg = self.config
+        if cfg.density_map == "paper":
+            return 0.0
+        step = getattr(self, "schedule_step", None)
+        if step is None:  # no schedule ran (a module built outside training): the converged map
+            return 1.0
+        if cfg.unbiased_blend_steps <= 0:
+            return float(step >= cfg.unbiased_warmup_steps)
+        return min(max((step - cfg.unbiased_warmup_steps) / cfg.unbiased_blend_steps, 0.0), 1.0)
+
+    def render_weights(self, samples: RaySamples, sdf_grid: Tensor) -> Tuple[Tensor, Tensor]:
+        """(weights [R, N, 1], transmittance [R, N+1, 1]) of contiguous samples, with `density_map`."""
+        field_ = self.field
+        blend = self.unbiased_fraction()
+        if blend == 0.0:
+            density = field_.density_at(samples.frustums.get_positions(), sdf_grid)
+            alphas = 1.0 - torch.exp(-samples.deltas * density)
+            return samples.get_weights_and_transmittance_from_alphas(alphas)
+        # The samplers' intervals are contiguous (bins), so N intervals have N + 1 edges.
+        frustums = samples.frustums
+        t_edges = torch.cat([frustums.starts, frustums.ends[:, -1:]], dim=1)  # [R, N+1, 1]
+        edges = frustums.origins[:, :1] + frustums.directions[:, :1] * t_edges
+        sdf_edges = field_.sdf_at(edges.reshape(-1, 3), sdf_grid).reshape(t_edges.shape[:2])
+        alphas = unbiased_alphas(sdf_edges, field_.sharpness)[..., None]
+        if blend < 1.0:
+            # Warm-up blend: the paper's opacity at the interval midpoints (edge mean: the SDF is
+            # trilinear, so this is its midpoint value up to the curvature within one interval).
+            mid = 0.5 * (sdf_edges[:, 1:] + sdf_edges[:, :-1])
+            paper = 1.0 - torch.exp(-samples.deltas * field_.density_from_sdf(mid)[..., None])
+            alphas = blend * alphas + (1.0 - blend) * paper
+        return samples.get_weights_and_transmittance_from_alphas(alphas)
 
     # -- losses and metrics -----------------------------------------------------------------
     def _random_background(self) -> bool:
