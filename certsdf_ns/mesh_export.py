@@ -2,6 +2,7 @@
 
     certsdf-export --load-config outputs/.../config.yml --output-dir DIR
                    [--resolution 256] [--upsample 1] [--obj] [--vertex-colours]
+                   [--sdf-grid [--safety-margin-voxels 1.0]]
 
 The certified SDF lives on the occupancy grid's nodes and is trilinear in between, so the
 mesh is PyMCubes' marching cubes (level 0) on a lattice over the scene box:
@@ -21,7 +22,8 @@ nerfstudio`` keeps the model's frame. ``--vertex-colours`` stores the colour fie
 vertex seen head-on from outside: view direction = −n, with n the certified SDF's outward
 normal (the colour of a camera ray hitting the surface along its normal).
 
-Writes ``DIR/certsdf_mesh.ply`` (and ``.obj`` with ``--obj``) with trimesh. Bad input exits
+Writes ``DIR/certsdf_mesh.ply`` (and ``.obj`` with ``--obj``) with trimesh; ``--sdf-grid`` also
+writes ``DIR/certsdf_sdf.npz``, the node SDF minus a safety margin (see :mod:`certsdf_ns.query`). Bad input exits
 with code 2 and one message, a checkpoint without a surface exits with code 1.
 """
 
@@ -44,6 +46,7 @@ from torch import Tensor
 from certsdf_ns.certified import CertifiedSDFGrid
 
 MESH_NAME = "certsdf_mesh"
+SDF_GRID_NAME = "certsdf_sdf.npz"
 
 
 class NoSurfaceError(RuntimeError):
@@ -70,6 +73,13 @@ class MeshExportConfig:
     frame: Literal["original", "nerfstudio"] = "original"
     """'original' undoes the dataparser transform and scale (the scene's own frame);
     'nerfstudio' keeps the model's world frame."""
+    sdf_grid: bool = False
+    """Also write DIR/certsdf_sdf.npz: the certified node SDF minus the safety margin, with its box,
+    σ, ε, voxel size and the transform to the chosen frame (see certsdf_ns.query; load it with
+    `CertifiedSDF.from_npz`)."""
+    safety_margin_voxels: float = 1.0
+    """With --sdf-grid: margin subtracted from the stored SDF, in voxels of the occupancy grid
+    (certsdf_ns.query.DEFAULT_MARGIN_VOXELS; 0 stores the raw certified SDF)."""
 
 
 # --------------------------------------------------------------------------- extraction
@@ -151,6 +161,18 @@ def vertex_colours(field, mesh: trimesh.Trimesh, chunk: int = 1 << 16) -> Float[
         normals = field.geometry.normals(part)
         out.append(field.colour_at(part, -normals).clamp(0.0, 1.0).cpu())
     return torch.cat(out).numpy()
+
+
+def write_sdf_grid(geometry: CertifiedSDFGrid, path: Path, margin_voxels: float,
+                   transform: Optional[np.ndarray] = None, scale: float = 1.0) -> Path:  # fmt: skip
+    """The node SDF minus `margin_voxels` voxels as an .npz for planners (format: certsdf_ns.query)."""
+    from certsdf_ns.query import CertifiedSDF
+
+    if not margin_voxels >= 0.0:
+        raise UsageError(f"--safety-margin-voxels must be >= 0, got {margin_voxels}")
+    sdf = CertifiedSDF.from_grid(geometry, safety_margin=0.0, transform=transform, scale=scale)
+    sdf.safety_margin = margin_voxels * sdf.voxel
+    return sdf.save_npz(path)
 
 
 # --------------------------------------------------------------------------- frames
@@ -240,6 +262,7 @@ def export(cfg: MeshExportConfig) -> dict:
         mesh.visual.vertex_colors = np.concatenate([rgb * 255.0, np.full((len(rgb), 1), 255.0)], 1).round().astype(np.uint8)
         timings["colours"] = time.perf_counter() - t0
     frame = "nerfstudio world frame"
+    transform, scale = None, 1.0
     if cfg.frame == "original":
         run_dir = cfg.load_config.resolve().parent
         try:
@@ -256,6 +279,8 @@ def export(cfg: MeshExportConfig) -> dict:
     paths = [cfg.output_dir / f"{MESH_NAME}.ply"] + ([cfg.output_dir / f"{MESH_NAME}.obj"] if cfg.obj else [])
     for path in paths:
         mesh.export(path)
+    if cfg.sdf_grid:
+        paths.append(write_sdf_grid(field.geometry, cfg.output_dir / SDF_GRID_NAME, cfg.safety_margin_voxels, transform, scale))
     timings["write"] = time.perf_counter() - t0
     return {
         "checkpoint": str(checkpoint),
