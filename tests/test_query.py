@@ -74,6 +74,19 @@ def test_first_hit_lies_on_the_marching_cubes_surface() -> None:
     assert float(normal_cos.max()) < 0.0  # the normal faces the incoming ray
 
 
+def test_interpolant_lipschitz_constant_is_exact() -> None:
+    """A plane's SDF interpolates exactly (constant 1); a kink at a node (|x|, a cone apex) gives √3 at
+    the apex cell's corner, as the corner formula says."""
+    from certsdf_ns.query import interpolant_lipschitz
+
+    normal = torch.nn.functional.normalize(torch.tensor([1.0, 2.0, -0.5]), dim=0)
+    plane = node_points() @ normal - 0.1
+    assert interpolant_lipschitz(plane, [VOXEL] * 3) == pytest.approx(1.0, abs=1e-4)
+    axis = torch.arange(3.0)
+    g = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).norm(dim=-1)  # |x| from node 0
+    assert interpolant_lipschitz(g, [1.0] * 3) == pytest.approx(math.sqrt(3.0), rel=1e-5)
+
+
 def test_rays_that_miss_and_rays_that_start_inside() -> None:
     sdf = analytic_sphere()
     origins = torch.tensor([[0.0, 0.0, -3.0], [0.0, 0.9, -3.0], [0.0, 0.0, 0.0], [5.0, 5.0, 5.0]])
