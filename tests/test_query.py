@@ -165,3 +165,14 @@ def test_loads_a_checkpoint_without_nerfstudio(tmp_path: Path) -> None:
     assert float(diff) < 1e-5, float(diff)
     with pytest.raises(FileNotFoundError):
         CertifiedSDF.from_checkpoint(run / "config.yml", step=7)
+
+
+def test_write_sdf_grid_stores_the_margin_in_voxels(tmp_path: Path) -> None:
+    from certsdf_ns.mesh_export import write_sdf_grid
+
+    grid = CertifiedSDFGrid(R, AABB, sigma=2 * VOXEL)
+    grid.set_occupancy((grid.grid_points().norm(dim=-1) <= RADIUS).float())
+    loaded = CertifiedSDF.from_npz(write_sdf_grid(grid, tmp_path / "g.npz", margin_voxels=1.5))
+    x = random_points(300)
+    assert loaded.safety_margin == pytest.approx(1.5 * VOXEL)
+    assert torch.allclose(loaded.distance(x), grid.sdf(x).detach() - 1.5 * VOXEL, atol=1e-5)
