@@ -73,7 +73,7 @@ class CertSDFModelConfig(ModelConfig):
     """Length of the σ and s schedules."""
     eps: float = 1e-5
     """p̂ is clamped to [eps, 1−eps]: the SDF is bounded by ±σ·Φ⁻¹(1−eps)."""
-    density_map: Literal["unbiased", "paper"] = "paper"
+    density_map: Literal["unbiased", "paper"] = "unbiased"
     """How the certified SDF becomes opacity along a ray. 'paper': density −density_scale·ln(1 +
     density_eps − sigmoid(−sdf/s)) at the sample midpoints (Pérez S. et al.). 'unbiased': NeuS's
     discrete opacity from the SDF at the sample-interval end points
@@ -125,10 +125,14 @@ class CertSDFModelConfig(ModelConfig):
     semi-transparent fog in front of a plain background is no longer free."""
     eval_background_color: Literal["white", "black"] = "white"
     """Background for rendering and metrics outside training (NeRF-synthetic is evaluated on white)."""
-    fill_loss_mult: float = 0.01
+    fill_loss_mult: float = 0.1
     """Weight of the occluded-space prior: occupancy at a sample is pulled towards 1 − T (its
     probability of being behind the first surface). Fills object interiors, which the
-    photometric loss never sees, so the zero level set bounds a solid; free space is pulled to 0."""
+    photometric loss never sees, so the zero level set bounds a solid; free space is pulled to 0.
+    0.1 since the unbiased density map: that map gives interiors no photometric gradient at all
+    (opacity comes from SDF differences, and T ≈ 0 behind the surface), and at 0.01 bunny kept 20
+    interior cavities after 100 steps (Chamfer-L1 0.0185 against 0.0091 at 0.1; README, "Where the
+    zero set sits")."""
     fill_ray_fraction: float = 0.25
     """Fraction of the batch's rays on which the occluded-space prior is evaluated."""
     binary_loss_mult: float = 1e-3
