@@ -307,7 +307,7 @@ class CertSDFModel(Model):
         cfg = self.config
         if cfg.density_map == "paper":
             return 0.0
-        step = getattr(self, "schedule_step", None)
+        step = self.schedule_step
         if step is None:  # no schedule ran (a module built outside training): the converged map
             return 1.0
         if cfg.unbiased_blend_steps <= 0:
