@@ -31,7 +31,7 @@ if not list((config.parent / "nerfstudio_models").glob("step-*.ckpt")):
         proc = subprocess.run(["taskset", "-c", "1", *cmd], stdout=log, stderr=subprocess.STDOUT)
     train_wall = time.time() - t0
     assert proc.returncode == 0, f"ns-train failed, see {out/'train.log'}"
-import torch, trimesh
+import trimesh
 from certsdf_ns.bench.evaluate import load_pipeline, render_metrics, test_views
 from certsdf_ns.bench.meshes import certsdf_grid_mesh
 from certsdf_ns.geometry_eval import evaluate_mesh
