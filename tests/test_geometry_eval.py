@@ -62,6 +62,29 @@ def test_concentric_spheres() -> None:
     assert m.normal_consistency > 0.99  # same normals, just offset
 
 
+@pytest.mark.parametrize("delta", [0.008, -0.008])
+def test_signed_offset_of_a_shifted_sphere(delta: float) -> None:
+    """A sphere of radius r + δ against one of radius r: offset +δ (outside) or −δ (inside)."""
+    m = evaluate_mesh(_sphere(0.5 + delta), _sphere(0.5), n_points=50_000)
+    # The projection on the normal removes the tangential sampling error: error ≪ δ.
+    assert m.offset_median == pytest.approx(delta, abs=5e-4)
+    assert m.offset_mean == pytest.approx(delta, abs=5e-4)
+    assert m.offset_fraction == 1.0
+
+
+def test_signed_offset_ignores_winding_and_far_samples() -> None:
+    """An inside-out ground truth still gives outward normals; a floater beyond the cut-off is not averaged."""
+    gt = _sphere(0.5)
+    gt.invert()
+    floater = trimesh.creation.icosphere(subdivisions=3, radius=0.05)
+    floater.apply_translation([0.9, 0.0, 0.0])
+    pred = trimesh.util.concatenate([_sphere(0.51), floater])
+    m = evaluate_mesh(pred, gt, n_points=50_000, offset_max_distance=0.05)
+    assert m.offset_median == pytest.approx(0.01, abs=5e-4)
+    assert m.offset_mean == pytest.approx(0.01, abs=5e-4)
+    assert 0.9 < m.offset_fraction < 1.0
+
+
 def test_partial_prediction_hits_completeness_not_accuracy() -> None:
     gt = procedural_demo_mesh()
     pred = gt.split(only_watertight=False)[0]  # one of the three parts only
@@ -95,13 +118,16 @@ def test_cli_writes_json(tmp_path: Path) -> None:
     pred, gt, out = tmp_path / "pred.ply", tmp_path / "gt.ply", tmp_path / "res/metrics.json"
     _sphere(0.5).export(pred)
     _sphere(0.55).export(gt)
-    proc = _run_cli(str(pred), str(gt), "--n-points", "20000", "--thresholds", "0.01", "0.1", "--json", str(out))
+    proc = _run_cli(str(pred), str(gt), "--n-points", "20000", "--thresholds", "0.01", "0.1", "--offset-max-distance", "0.1",
+                    "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "chamfer" in proc.stdout.lower()
     data = json.loads(out.read_text())
     assert set(data) == set(MeshMetrics.__dataclass_fields__)
     assert data["chamfer_l1"] == pytest.approx(0.05, rel=0.1)
     assert data["fscore"]["0.1"] == 1.0 and data["fscore"]["0.01"] < 0.01
+    assert data["offset_median"] == pytest.approx(-0.05, abs=2e-3)  # pred inside gt
+    assert "signed offset" in proc.stdout
 
 
 EMPTY_PLY = (

@@ -275,3 +275,21 @@ def test_certsdf_export_empty_checkpoint(trained_run: TrainedRun, tmp_path: Path
     assert "no surface: the certified SDF is positive everywhere" in proc.stderr
     _no_traceback(proc)
     assert not (tmp_path / "out" / "certsdf_mesh.ply").exists()
+
+
+# --------------------------------------------------------------------------- the SDF grid for planners
+
+
+def test_sdf_grid_export_matches_the_checkpoint_query(trained_run: TrainedRun, tmp_path: Path) -> None:
+    """`--sdf-grid` writes the node SDF minus the margin; loaded back it answers like the checkpoint
+    loaded without nerfstudio (certsdf_ns.export.query), with the stored margin."""
+    from certsdf_ns.export.query import CertifiedSDF
+
+    proc = run_cli([sys.executable, "-m", "certsdf_ns.export.mesh_export", "--load-config", trained_run.config,
+                    "--output-dir", tmp_path, "--resolution", 32, "--sdf-grid", "--safety-margin-voxels", 0.5])  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    from_npz = CertifiedSDF.from_npz(tmp_path / "certsdf_sdf.npz")
+    from_ckpt = CertifiedSDF.from_checkpoint(trained_run.config, safety_margin=0.0)
+    assert from_npz.safety_margin == pytest.approx(0.5 * from_ckpt.voxel)
+    x = torch.rand(2000, 3) * 1.6 - 0.8
+    assert torch.allclose(from_npz.distance(x), from_ckpt.distance(x) - 0.5 * from_ckpt.voxel, atol=1e-5)

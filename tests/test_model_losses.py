@@ -17,8 +17,9 @@ def make_model(alpha_loss_mult: float):
     cfg = CertSDFModelConfig(
         grid_resolution=24, hash_log2_size=10, hash_max_res=64, hash_levels=4, num_coarse_samples=32,
         num_fine_samples=16, init_logit=-2.0, alpha_loss_mult=alpha_loss_mult,
-        # pinned, not the defaults: the haze the tests need depends on σ and s
-        sigma_voxels=1.5, sigma_start_voxels=1.5, sharpness_voxels=0.5, sharpness_start_voxels=0.5,
+        # pinned, not the defaults: the haze the tests need depends on σ and s, and on the paper's
+        # density map (under the unbiased map a constant SDF has no opacity at all)
+        sigma_voxels=1.5, sigma_start_voxels=1.5, sharpness_voxels=0.5, sharpness_start_voxels=0.5, density_map="paper",
     )  # fmt: skip
     torch.manual_seed(0)
     return cfg.setup(scene_box=SceneBox(torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])), num_train_data=4)

@@ -45,6 +45,10 @@ class MeshResult:
     chamfer_l1: float = float("nan")
     fscore: Dict[str, float] = field(default_factory=dict)
     normal_consistency: float = float("nan")
+    offset_median: float = float("nan")
+    """Median signed offset along the true outward normal (negative: the mesh lies inside)."""
+    offset_mean: float = float("nan")
+    """Mean signed offset (see certsdf_ns.export.geometry_eval)."""
     n_faces: int = 0
 
     def to_json(self) -> dict:
@@ -62,7 +66,7 @@ def certsdf_grid_mesh(field_module, resolution: int = 256) -> trimesh.Trimesh:
 
 
 def score_mesh(result: MeshResult, mesh: trimesh.Trimesh, gt: trimesh.Trimesh, n_points: int) -> MeshResult:
-    """Fill Chamfer-L1, F-scores and normal consistency; an empty mesh is recorded, not raised."""
+    """Fill Chamfer-L1, F-scores, normal consistency and signed offset; an empty mesh is recorded, not raised."""
     if len(mesh.faces) == 0 or not mesh.area > 0:
         result.status, result.reason = "empty", "no surface extracted"
         return result
@@ -70,6 +74,7 @@ def score_mesh(result: MeshResult, mesh: trimesh.Trimesh, gt: trimesh.Trimesh, n
     result.chamfer_l1 = m.chamfer_l1
     result.fscore = {str(k): v for k, v in m.fscore.items()}
     result.normal_consistency = m.normal_consistency
+    result.offset_median, result.offset_mean = m.offset_median, m.offset_mean
     result.n_faces = len(mesh.faces)
     return result
 

@@ -70,14 +70,24 @@ def quality_markdown(suite: dict) -> str:
     meshes = [r for r in rows if r["kind"] == "mesh"]
     if meshes:
         body = [[r["scene"], r["method"], _num(r["train_time_s"], ".0f"), _num(r["chamfer_l1"], ".4f"),
-                 _num(r["fscore_0.01"], ".3f"), _num(r["fscore_0.02"], ".3f"), _num(r["export_s"], ".1f"),
+                 _num(r["fscore_0.01"], ".3f"), _num(r["fscore_0.02"], ".3f"), _offset(r), _num(r["export_s"], ".1f"),
                  r["status"] if r["status"] == "ok" else f"{r['status']}: {str(r['reason'])[:60]}"] for r in meshes]  # fmt: skip
-        parts.append(_table(["scene", "mesh", "training time (s)", "Chamfer-L1", "F@0.01", "F@0.02", "export (s)", "status"], body))
+        head = ["scene", "mesh", "training time (s)", "Chamfer-L1", "F@0.01", "F@0.02", "offset median / mean",
+                "export (s)", "status"]  # fmt: skip
+        parts.append(_table(head, body))
         parts.append(_chamfer_ratios(meshes))
     skipped = [r for r in rows if r["kind"] == "skipped"]
     if skipped:
         parts.append("\n".join(f"- {r['method']} ({r['scene']}): {_skip_reason(r['reason'])}" for r in skipped))
     return "\n\n".join(p for p in parts if p)
+
+
+def _offset(row: dict) -> str:
+    """Signed offset median / mean (negative: inside the true surface); '–' for older suites without it."""
+    median, mean = row.get("offset_median"), row.get("offset_mean")
+    if not _finite(median):
+        return "–"
+    return f"{median:+.4f} / {mean:+.4f}" if _finite(mean) else f"{median:+.4f}"
 
 
 def _chamfer_ratios(meshes: List[dict]) -> str:
@@ -107,9 +117,9 @@ def sigma_markdown(suite: dict) -> str:
     for r in suite["rows"]:
         sig = f"{r['sigma_start_voxels']:g} → {r['sigma_voxels']:g} ({r['anneal_steps']} steps)" if r["annealed"] else f"{r['sigma_voxels']:g}"
         body.append([sig, r["status"], str(r["steps"]), _num(r["psnr"], ".2f"), _num(r["chamfer_l1"], ".4f"),
-                     _num(r["fscore_0.01"], ".3f"), _num(r["bound_fraction"], ".4f"), _num(r["bound_fraction_strict"], ".4f"),
+                     _num(r["fscore_0.01"], ".3f"), _offset(r), _num(r["bound_fraction"], ".4f"), _num(r["bound_fraction_strict"], ".4f"),
                      _num(r["max_abs_sdf_voxels"], ".1f"), _num(r["max_distance_bound_voxels"], ".1f")])  # fmt: skip
-    head = ["σ (voxels)", "status", "steps", "test PSNR", "Chamfer-L1", "F@0.01", "bound holds (±tol)",
+    head = ["σ (voxels)", "status", "steps", "test PSNR", "Chamfer-L1", "F@0.01", "offset median", "bound holds (±tol)",
             "bound holds (strict)", r"max \|sdf\| (voxels)", "cap σΦ⁻¹(1−ε) (voxels)"]  # fmt: skip
     return _table(head, body)
 

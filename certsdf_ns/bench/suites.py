@@ -174,6 +174,11 @@ def _jsonable(value):
     return str(value) if isinstance(value, Path) else value
 
 
+def _nan(value) -> float:
+    """A record's number, NaN when missing (records written before the field existed) or null."""
+    return math.nan if value is None else value
+
+
 def _final(record: dict, key: str) -> float:
     evals = record.get("evaluations") or []
     return evals[-1][key] if evals else math.nan
@@ -261,6 +266,7 @@ def run_quality(cfg: QualityConfig) -> List[dict]:
             rows.append({"kind": "mesh", "scene": r["scene"], "method": m["method"], "step": m["step"],
                          "train_time_s": m["train_time_s"], "chamfer_l1": m["chamfer_l1"],
                          "fscore_0.01": m["fscore"].get("0.01", math.nan), "fscore_0.02": m["fscore"].get("0.02", math.nan),
+                         "offset_median": _nan(m.get("offset_median")), "offset_mean": _nan(m.get("offset_mean")),
                          "export_s": m["export_s"], "status": m["status"], "reason": m["reason"]})  # fmt: skip
     out = Path(cfg.results_dir) / "quality"
     write_csv(out / "summary.csv", rows)
@@ -335,6 +341,7 @@ def run_sigma(cfg: SigmaConfig) -> List[dict]:
                      "psnr": _final(r, "psnr"), "ssim": _final(r, "ssim"),
                      "chamfer_l1": mesh.get("chamfer_l1", math.nan),
                      "fscore_0.01": (mesh.get("fscore") or {}).get("0.01", math.nan),
+                     "offset_median": _nan(mesh.get("offset_median")),
                      "bound_fraction": cert.get("bound_fraction", math.nan),
                      "bound_fraction_strict": cert.get("bound_fraction_strict", math.nan),
                      "max_excess_voxels": cert.get("max_excess_voxels", math.nan),

@@ -6,6 +6,14 @@ Two numbers, used by the tests and the benchmarks:
 - visible fog: the fraction of points more than `fog_distance` from the true surface (and
   outside it) whose density would make them visible, i.e. whose opacity over one voxel
   exceeds `alpha_threshold` (default 0.01: 1% of the light stopped within a voxel).
+
+And where the zero set sits relative to the true surface:
+- signed offset: median/mean of (p − q)·n_q between samples p of the zero-level mesh (as
+  `certsdf-export` extracts it) and their nearest true samples q with outward normals n_q
+  (see certsdf_ns.export.geometry_eval); negative = the zero set lies inside the object;
+- sdf at the true surface: the median certified SDF at samples of the true surface. To first
+  order it is −offset (a zero set shifted inward by d reads sdf ≈ +d on the true surface) and
+  needs no mesh extraction.
 """
 
 from __future__ import annotations
@@ -34,6 +42,12 @@ class SurfaceReport:
     n_sign_points: int
     n_fog_points: int
     alpha_threshold: float
+    offset_median: float = float("nan")
+    """Median signed offset of the zero set along the true outward normal (negative: inside)."""
+    offset_mean: float = float("nan")
+    """Mean signed offset."""
+    sdf_at_true_surface_median: float = float("nan")
+    """Median certified SDF over samples of the true surface (≈ −offset)."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -74,4 +88,26 @@ def surface_report(
     fog = float((alpha > alpha_threshold).mean()) if empty.any() else 0.0
 
     negative = float((geometry.sdf_grid() < 0).float().mean())
-    return SurfaceReport(agreement, inside_agreement, fog, negative, int(far.sum()), int(empty.sum()), alpha_threshold)
+    offset_median, offset_mean, at_surface = zero_set_offset(geometry, mesh, n_points, seed)
+    return SurfaceReport(agreement, inside_agreement, fog, negative, int(far.sum()), int(empty.sum()), alpha_threshold,
+                         offset_median, offset_mean, at_surface)  # fmt: skip
+
+
+@torch.no_grad()
+def zero_set_offset(geometry, mesh: trimesh.Trimesh, n_points: int = 20_000, seed: int = 0,
+                    max_distance: float = 0.05) -> tuple:  # fmt: skip
+    """(median offset, mean offset, median sdf at the true surface) of a grid against a mesh; NaN offsets
+    when the SDF has no zero crossing."""
+    from certsdf_ns.export.geometry_eval import outward_sign, sample_with_normals, signed_offset
+    from certsdf_ns.export.mesh import NoSurfaceError, extract_mesh
+
+    gt_pts, gt_nrm = sample_with_normals(mesh, n_points, seed + 1)
+    x = torch.from_numpy(gt_pts).float().to(geometry.aabb.device)
+    at_surface = float(geometry.sdf(x).median())
+    try:
+        zero_set = extract_mesh(geometry)
+    except NoSurfaceError:
+        return float("nan"), float("nan"), at_surface
+    pred_pts, _ = sample_with_normals(zero_set, n_points, seed)
+    median, mean, _ = signed_offset(pred_pts, gt_pts, outward_sign(mesh) * gt_nrm, max_distance)
+    return median, mean, at_surface

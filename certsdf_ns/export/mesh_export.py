@@ -2,6 +2,7 @@
 
     certsdf-export --load-config outputs/.../config.yml --output-dir DIR
                    [--resolution 256] [--upsample 1] [--obj] [--vertex-colours]
+                   [--sdf-grid [--safety-margin-voxels 1.0]]
 
 The certified SDF lives on the occupancy grid's nodes and is trilinear in between, so the
 mesh is PyMCubes' marching cubes (level 0) on a lattice over the scene box:
@@ -21,7 +22,8 @@ nerfstudio`` keeps the model's frame. ``--vertex-colours`` stores the colour fie
 vertex seen head-on from outside: view direction = −n, with n the certified SDF's outward
 normal (the colour of a camera ray hitting the surface along its normal).
 
-Writes ``DIR/certsdf_mesh.ply`` (and ``.obj`` with ``--obj``) with trimesh. Bad input exits
+Writes ``DIR/certsdf_mesh.ply`` (and ``.obj`` with ``--obj``) with trimesh; ``--sdf-grid`` also
+writes ``DIR/certsdf_sdf.npz``, the node SDF minus a safety margin (see :mod:`certsdf_ns.export.query`). Bad input exits
 with code 2 and one message, a checkpoint without a surface exits with code 1.
 """
 
@@ -43,8 +45,10 @@ from jaxtyping import Float
 from rich.table import Table
 
 from certsdf_ns.console import CONSOLE
+from certsdf_ns.certified import CertifiedSDFGrid
 from certsdf_ns.errors import CertSDFInputError
 from certsdf_ns.export.mesh import NoSurfaceError, check_lattice_args, extract_mesh
+from certsdf_ns.export.query import CertifiedSDF
 from certsdf_ns.output_paths import OutputLocationError, check_writable_dir
 from certsdf_ns.training.run_folder import check_checkpoint_folder
 
@@ -52,6 +56,7 @@ MESH_NAME = "certsdf_mesh"
 EXPORT_BYTES_PER_SAMPLE = 16
 """Peak bytes per lattice sample: two float32 volumes of the separable interpolation alive at once,
 plus a float64 copy should marching cubes make one (the mesh itself grows only with N²)."""
+SDF_GRID_NAME = "certsdf_sdf.npz"
 
 
 @dataclass
@@ -74,6 +79,13 @@ class MeshExportConfig:
     frame: Literal["original", "nerfstudio"] = "original"
     """'original' undoes the dataparser transform and scale (the scene's own frame);
     'nerfstudio' keeps the model's world frame."""
+    sdf_grid: bool = False
+    """Also write DIR/certsdf_sdf.npz: the certified node SDF minus the safety margin, with its box,
+    σ, ε, voxel size and the transform to the chosen frame (see certsdf_ns.export.query; load it with
+    `CertifiedSDF.from_npz`)."""
+    safety_margin_voxels: float = 1.0
+    """With --sdf-grid: margin subtracted from the stored SDF, in voxels of the occupancy grid
+    (certsdf_ns.export.query.DEFAULT_MARGIN_VOXELS; 0 stores the raw certified SDF)."""
 
 
 # --------------------------------------------------------------------------- extraction
@@ -88,6 +100,16 @@ def vertex_colours(field, mesh: trimesh.Trimesh, chunk: int = 1 << 16) -> Float[
         normals = field.geometry.normals(part)
         out.append(field.colour_at(part, -normals).clamp(0.0, 1.0).cpu())
     return torch.cat(out).numpy()
+
+
+def write_sdf_grid(geometry: CertifiedSDFGrid, path: Path, margin_voxels: float,
+                   transform: Optional[np.ndarray] = None, scale: float = 1.0) -> Path:  # fmt: skip
+    """The node SDF minus `margin_voxels` voxels as an .npz for planners (format: certsdf_ns.export.query)."""
+    if not margin_voxels >= 0.0:
+        raise UsageError(f"--safety-margin-voxels must be >= 0, got {margin_voxels}")
+    sdf = CertifiedSDF.from_grid(geometry, safety_margin=0.0, transform=transform, scale=scale)
+    sdf.safety_margin = margin_voxels * sdf.voxel
+    return sdf.save_npz(path)
 
 
 # --------------------------------------------------------------------------- frames
@@ -215,6 +237,7 @@ def export(cfg: MeshExportConfig) -> dict:
         mesh.visual.vertex_colors = np.concatenate([rgb * 255.0, np.full((len(rgb), 1), 255.0)], 1).round().astype(np.uint8)
         timings["colours"] = time.perf_counter() - t0
     frame = "nerfstudio world frame"
+    transform, scale = None, 1.0
     if cfg.frame == "original":
         run_dir = cfg.load_config.resolve().parent
         try:
@@ -232,6 +255,8 @@ def export(cfg: MeshExportConfig) -> dict:
     try:
         for path in paths:
             mesh.export(path)
+        if cfg.sdf_grid:
+            paths.append(write_sdf_grid(field.geometry, cfg.output_dir / SDF_GRID_NAME, cfg.safety_margin_voxels, transform, scale))
     except OSError as exc:  # e.g. the disk filled up while meshing
         raise UsageError(f"cannot write {exc.filename or path}: {exc.strerror or exc}") from exc
     timings["write"] = time.perf_counter() - t0

@@ -224,7 +224,7 @@ class CertSDFViewerControls(nn.Module):
         model = self._owner()
         sigma, sharp = model.field.smoothing_voxels()
         mode = "override" if model.smoothing_overridden else "schedule"
-        return f"σ={sigma:.2f} vox, s={sharp:.2f} vox ({mode}), step {model.step}"
+        return f"σ={sigma:.2f} vox, s={sharp:.2f} vox ({mode}), step {model.step or 0}"
 
     def _on_sigma(self, element: ViewerSlider) -> None:
         if self._is_echo("sigma", element):
@@ -249,7 +249,7 @@ class CertSDFViewerControls(nn.Module):
         model = self._owner()
         model.reset_smoothing()
         self.show_smoothing()
-        console.log(f"viewer: σ and s follow the schedule again (step {model.step})")
+        console.log(f"viewer: σ and s follow the schedule again (step {model.step or 0})")
         self._set_status(self._describe())
         self.refresh_slice()
 
@@ -312,7 +312,7 @@ class CertSDFViewerControls(nn.Module):
             visible=bool(self.c7_mesh_show.value),
         )
         sigma, _ = model.field.smoothing_voxels()
-        msg = f"mesh: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces (σ={sigma:.2f} vox, step {model.step})"
+        msg = f"mesh: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces (σ={sigma:.2f} vox, step {model.step or 0})"
         self._set_status(msg)
         console.log(f"viewer: {msg}")
 
