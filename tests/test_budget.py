@@ -7,6 +7,7 @@ their timing tolerance is a few seconds because the machine is shared.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Dict
@@ -83,7 +84,7 @@ def test_startup_line_states_the_plan(budget_run) -> None:
     _, stdout = budget_run
     (line,) = [l for l in stdout.splitlines() if l.startswith("[certsdf] plan:")]
     assert f"train for {BUDGET_MIN:g} min of training time or 30000 steps" in line
-    assert "eval batch every 20 steps, eval image every 50 steps" in line
+    assert "eval batch every 20 steps, eval image every 50 steps, and at the end" in line
     assert "--max-train-minutes" in line and "--max-num-iterations" in line
 
 
@@ -153,3 +154,26 @@ def test_anneal_follows_the_plan() -> None:
     assert model.scheduled_smoothing(30)[0] == pytest.approx(2.0)  # log-linear mid-point
     assert model.scheduled_smoothing(40)[0] == pytest.approx(1.0)
     assert model.scheduled_smoothing(600)[0] == pytest.approx(1.0)
+
+
+def test_cpu_default_budget_applies_only_to_the_plain_command() -> None:
+    from certsdf_ns.method_config import certsdf_trainer_config
+
+    def budget(**changes) -> object:
+        return dataclasses.replace(certsdf_trainer_config, **changes).budget_minutes()
+
+    cpu = certsdf_trainer_config.machine.device_type == "cpu"
+    assert budget() == (30.0 if cpu else None)  # CUDA keeps its 30,000 steps
+    assert budget(max_num_iterations=500) is None  # the user chose a step count
+    assert budget(max_train_minutes=0.0) is None  # budget turned off
+    assert budget(max_train_minutes=5.0) == 5.0
+
+
+def test_plain_command_states_the_cpu_default(scene: Path, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("the CPU default applies without CUDA")
+    # The plain command, with the default budget shortened to keep the test fast.
+    stdout = train(scene, tmp_path, "--cpu-default-minutes", 0.05)
+    (line,) = [l for l in stdout.splitlines() if l.startswith("[certsdf] plan:")]
+    assert "train for 0.05 min of training time (the CPU default) or 30000 steps" in line
+    assert "time budget reached" in stdout
