@@ -28,12 +28,12 @@ from certsdf_ns.training.optim import (
 )
 from certsdf_ns.training.trainer import PLAN_KEY, SECONDS_KEY
 
-BUDGET_MIN = 0.15  # 9 s of training
-TOLERANCE_S = 3.0
+BUDGET_MIN = 0.25  # 15 s of training
+TOLERANCE_S = 5.0  # the runs stop before a step that would not fit; a step takes up to ~2.5 s on a loaded machine
 ARGS = [
     "--vis", "tensorboard", "--viewer.quit-on-train-completion", "True",
     "--pipeline.model.grid-resolution", "16", "--pipeline.datamanager.train-num-rays-per-batch", "256",
-    "--budget-warmup-steps", "5", "--steps-per-eval-batch", "20", "--steps-per-eval-image", "50",
+    "--budget-warmup-steps", "3", "--steps-per-eval-batch", "20", "--steps-per-eval-image", "50",
 ]  # fmt: skip
 
 
@@ -91,7 +91,7 @@ def test_startup_line_states_the_plan(budget_run) -> None:
 def test_config_records_the_fitted_anneal(budget_run) -> None:
     run, _ = budget_run
     plan = SchedulePlan.from_dict(checkpoints(run)[max(checkpoints(run))][PLAN_KEY])
-    assert plan is not None and plan.hold_steps == 5 and plan.total_steps > plan.hold_steps
+    assert plan is not None and plan.hold_steps == 3 and plan.total_steps > plan.hold_steps
     # config.yml is a python-tagged YAML; read the two values the trainer wrote.
     text = (run / "config.yml").read_text()
     assert f"anneal_start_step: {plan.hold_steps}\n" in text
@@ -100,9 +100,9 @@ def test_config_records_the_fitted_anneal(budget_run) -> None:
 
 
 def test_resume_trains_only_the_time_left(scene: Path, tmp_path: Path) -> None:
-    budget_min = 0.25  # 15 s
+    budget_min = 0.4  # 24 s
     # Stopped early by the step limit, then resumed with the same budget and no step limit.
-    first = train(scene, tmp_path, "--max-train-minutes", budget_min, "--max-num-iterations", 8)
+    first = train(scene, tmp_path, "--max-train-minutes", budget_min, "--max-num-iterations", 4)
     run = tmp_path / "b" / "certsdf" / "t"
     before = checkpoints(run)
     spent = before[max(before)][SECONDS_KEY]

@@ -312,9 +312,9 @@ class CertSDFTrainer(Trainer):
         self._budget: Optional[float] = None if budget is None else 60.0 * budget
         """The budget in seconds, or None."""
         self._train_seconds = 0.0
-        """Training time spent up to `_mark` (this process and, when resumed, the runs before it)."""
+        """Training time of the closed intervals (this process and, when resumed, the runs before it)."""
         self._mark: Optional[float] = None
-        """perf_counter at the start of the last training step; None before the first."""
+        """perf_counter at the start of the open interval (a step and its evaluation), or None."""
         self._plan: Optional[SchedulePlan] = None
         """The schedules' step plan of a budgeted run, once fixed (restored when resuming)."""
         self._first_step, self._seconds_at_start = 0, 0.0
@@ -407,11 +407,17 @@ class CertSDFTrainer(Trainer):
         how = "--max-train-minutes M (0: no budget) or --max-num-iterations N; eval with --steps-per-eval-image N"
         return f"plan: {what}; {', '.join(evals) or 'no evaluation'}. Change with {how}."
 
-    def train_iteration(self, step: int):
-        now = time.perf_counter()
+    def _close_interval(self) -> None:
+        """Add the open interval (a step and its evaluation) to the training time."""
         if self._mark is not None:
-            self._train_seconds += now - self._mark  # the whole previous iteration: step, eval, save
-        self._mark = now
+            self._train_seconds += time.perf_counter() - self._mark
+            self._mark = None
+
+    def train_iteration(self, step: int):
+        # Counted from here to the end of this step's evaluation; what follows until the next
+        # step (a checkpoint save, added by save_checkpoint; a pause from the viewer, not counted).
+        self._close_interval()
+        self._mark = time.perf_counter()
         out = super().train_iteration(step)
         if self._budget is not None:
             self._after_budgeted_step(step)
@@ -467,6 +473,7 @@ class CertSDFTrainer(Trainer):
         super().eval_iteration(step)
         if step == self._stopped_at and self.config.eval_at_budget_end:
             self._final_eval(step)
+        self._close_interval()
 
     def _final_eval(self, step: int) -> None:
         """The evaluations a full-length run would have run that this step did not."""
@@ -508,6 +515,12 @@ class CertSDFTrainer(Trainer):
 
     @check_main_thread
     def save_checkpoint(self, step: int) -> None:
+        started, counting = time.perf_counter(), self._mark is None
+        self._save_checkpoint(step)
+        if counting:  # a save between steps counts as training time (inside an open interval it already does)
+            self._train_seconds += time.perf_counter() - started
+
+    def _save_checkpoint(self, step: int) -> None:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         ckpt_path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
         if ckpt_path.exists() and ckpt_path not in self._written:
