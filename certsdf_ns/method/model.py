@@ -111,6 +111,12 @@ class CertSDFModelConfig(ModelConfig, CertSDFFieldConfig):
     so on its own it gets almost no gradient; the paper map forms a first surface."""
     unbiased_blend_steps: int = 20
     """Then steps over which the opacity is blended linearly from the paper map to the unbiased one."""
+    anneal_start_step: int = 0
+    """Step at which the σ/s anneal starts (a budgeted run holds it through its timing warm-up;
+    set by the trainer, see certsdf_ns/training/budget.py)."""
+    anneal_stretch: float = 1.0
+    """The anneal lasts `anneal_steps * anneal_stretch` steps (a budgeted run compresses it to
+    its planned length; set by the trainer)."""
     num_coarse_samples: int = 64
     """Uniform samples per ray inside the scene box (density only: trilinear lookups)."""
     num_fine_samples: int = 32
@@ -198,9 +204,11 @@ class CertSDFModel(Model):
         """(σ, s) in voxels that the schedule gives at ``step``: a pure function of the step, so a
         resumed run follows exactly the same schedule."""
         cfg = self.config
+        steps = round(cfg.anneal_steps * cfg.anneal_stretch) if cfg.anneal_steps > 0 else 0
+        step = step - cfg.anneal_start_step
         return (
-            annealed(cfg.sigma_start_voxels, cfg.sigma_voxels, step, cfg.anneal_steps),
-            annealed(cfg.sharpness_start_voxels, cfg.sharpness_voxels, step, cfg.anneal_steps),
+            annealed(cfg.sigma_start_voxels, cfg.sigma_voxels, step, steps),
+            annealed(cfg.sharpness_start_voxels, cfg.sharpness_voxels, step, steps),
         )
 
     def set_smoothing(self, sigma_voxels: Optional[float] = None, sharpness_voxels: Optional[float] = None) -> None:

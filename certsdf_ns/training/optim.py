@@ -19,6 +19,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecayScheduler, ExponentialDecaySchedulerConfig
 
+from certsdf_ns.training.budget import SchedulePlan, planned_exponential_decay
+
 
 @dataclass
 class FusedAdamOptimizerConfig(AdamOptimizerConfig):
@@ -48,3 +50,24 @@ class PlainFloatExponentialDecaySchedulerConfig(ExponentialDecaySchedulerConfig)
 
 
 
+
+
+def fit_scheduler_to_plan(
+    scheduler: LRScheduler, config: ExponentialDecaySchedulerConfig, plan: SchedulePlan, reference_steps: int
+) -> bool:
+    """Make an exponential-decay scheduler follow ``plan`` (held, then compressed to the planned
+    length; see budget.py), keeping its step count. False (scheduler untouched) for a schedule
+    this cannot compress: another type, or one with a warm-up ramp."""
+    if not isinstance(config, ExponentialDecaySchedulerConfig) or config.warmup_steps:
+        return False
+    lambdas = scheduler.lr_lambdas  # type: ignore[attr-defined]
+    factors = []
+    for base in scheduler.base_lrs:
+        lr_final = config.lr_final if config.lr_final is not None else base
+        factors.append(planned_exponential_decay(base, lr_final, config.max_steps, plan, reference_steps))
+    lambdas[:] = factors
+    # Apply the new factor to the current step now, as LambdaLR's constructor does.
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, factors):
+        group["lr"] = float(base) * fn(scheduler.last_epoch)
+    scheduler._last_lr = [float(g["lr"]) for g in scheduler.optimizer.param_groups]  # type: ignore[attr-defined]
+    return True

@@ -22,6 +22,11 @@ What it changes, and why:
   records the resolved colour backend, and a run that fails on its input leaves an existing
   config.yml untouched). A save never overwrites a checkpoint this process did not write, and
   keep-latest pruning deletes only this process's own checkpoints.
+- **A wall-clock budget** (`--max-train-minutes`, see `budget.py`): training ends when the
+  time spent in training iterations (steps, evaluations and checkpoint saves; not start-up or
+  data loading) reaches the budget, or at `--max-num-iterations`, whichever comes first. The
+  time spent and the schedule plan go into the checkpoint, so a resumed run trains only the
+  time left, on the same step → schedule map. On CPU the plain command gets a default budget.
 - **Full disks.** Free space is checked against the checkpoint's size before each save; a
   save that fails for lack of space removes its partial file, keeps the previous checkpoint
   and exits 2 naming the folder and the space needed.
@@ -42,10 +47,14 @@ import psutil
 import torch
 
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
+from nerfstudio.utils import writer
 from nerfstudio.utils.decorators import check_main_thread
+from nerfstudio.utils.misc import step_check
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from certsdf_ns.console import warn
+from certsdf_ns.console import log, warn
+from certsdf_ns.training.budget import HOLDING, SchedulePlan, format_minutes, planned_total_steps
+from certsdf_ns.training.optim import fit_scheduler_to_plan
 from certsdf_ns.errors import CertSDFInputError, exit_cleanly
 from certsdf_ns.training.config_checks import check_model_config
 from certsdf_ns.training.run_folder import (
@@ -65,6 +74,11 @@ from certsdf_ns.training.run_folder import (
 
 PARTIAL_SUFFIX = ".partial"
 RNG_KEY = "certsdf_rng"
+SECONDS_KEY = "certsdf_train_seconds"
+PLAN_KEY = "certsdf_schedule_plan"
+DEFAULT_MAX_STEPS = 30_000
+"""The method's default --max-num-iterations: the run length its schedules are written for."""
+EVAL_CADENCES = ("steps_per_eval_batch", "steps_per_eval_image", "steps_per_eval_all_images")
 # Test hook: "STEP:MARKER" pauses the save of checkpoint STEP after its first 64 KiB are on disk,
 # touching MARKER, so a test can SIGKILL the process deterministically mid-write.
 PAUSE_ENV = "CERTSDF_TEST_PAUSE_IN_SAVE"
@@ -80,6 +94,41 @@ class CertSDFTrainerConfig(TrainerConfig):
     _target: Type = field(default_factory=lambda: CertSDFTrainer)
     check_memory: bool = True
     """Refuse to start when the estimated training memory exceeds the available memory."""
+    max_train_minutes: Optional[float] = None
+    """Wall-clock budget in minutes: training stops once the time spent in training iterations
+    (steps, periodic evaluations, checkpoint saves; not start-up, data loading, or the evaluation
+    and checkpoint at the budget's end) would exceed it, or at
+    max_num_iterations, whichever comes first. A resumed run (--load-dir) counts the time already
+    spent. 0: no budget. None: `cpu_default_minutes` when training on CPU with max_num_iterations
+    left at its default (30,000), else no budget."""
+    cpu_default_minutes: float = 30.0
+    """The budget of a CPU run that sets neither max_train_minutes nor max_num_iterations."""
+    budget_warmup_steps: int = 20
+    """A budgeted run times this many steps, with its schedules held at their start, then plans
+    how many steps fit and fits the schedules to them."""
+    schedule_reference_steps: int = DEFAULT_MAX_STEPS
+    """The run length the configured schedules (scheduler max_steps, the model's anneal_steps)
+    are written for; a budgeted run compresses them by planned steps / this."""
+    eval_at_budget_end: bool = True
+    """When the budget ends training, run at the last step the evaluations that a full run would
+    have run (each whose steps_per_eval_* is at most max_num_iterations), unless this step ran them.
+    They run after the budget (one 800x800 eval image took ~40 s on one CPU core)."""
+
+    def budget_minutes(self) -> Optional[float]:
+        """The budget this run trains with (minutes), or None."""
+        if self.max_train_minutes is not None:
+            return self.max_train_minutes if self.max_train_minutes > 0 else None
+        if self.budget_is_cpu_default():
+            return self.cpu_default_minutes
+        return None
+
+    def budget_is_cpu_default(self) -> bool:
+        return (
+            self.max_train_minutes is None
+            and self.machine.device_type == "cpu"
+            and self.max_num_iterations == DEFAULT_MAX_STEPS
+            and self.cpu_default_minutes > 0
+        )
 
     def __setattr__(self, name: str, value: Any) -> None:
         # nerfstudio's eval_setup (ns-eval, ns-viewer, ns-export) assigns the run's checkpoint
@@ -259,11 +308,29 @@ class CertSDFTrainer(Trainer):
                 warn(note)
         super().__init__(config, local_rank, world_size)
         self._resume_rng: Optional[Dict[str, Any]] = None
+        budget = config.budget_minutes()
+        self._budget: Optional[float] = None if budget is None else 60.0 * budget
+        """The budget in seconds, or None."""
+        self._train_seconds = 0.0
+        """Training time of the closed intervals (this process and, when resumed, the runs before it)."""
+        self._mark: Optional[float] = None
+        """perf_counter at the start of the open interval (a step and its evaluation), or None."""
+        self._plan: Optional[SchedulePlan] = None
+        """The schedules' step plan of a budgeted run, once fixed (restored when resuming)."""
+        self._first_step, self._seconds_at_start = 0, 0.0
+        """The first step and the training seconds of this process's run."""
+        self._warm_reference: Optional[Tuple[int, float]] = None
+        self._stopped_at: Optional[int] = None
+        """The last step trained when the budget stopped training."""
+        self._stop_seconds = 0.0
+        """Training seconds at that point (the end-of-budget evaluation and save come after)."""
         self._written: List[Path] = []
         """Checkpoints this process wrote, oldest first: the only ones it may overwrite or prune."""
 
     def setup(self, test_mode="val") -> None:
         super().setup(test_mode=test_mode)  # loads the checkpoint to resume from, if any
+        if self._plan is not None or self._budget is not None:
+            self._apply_plan(self._plan or HOLDING)  # before config.yml records the anneal
         if self.local_rank == 0:
             # Only now: the backend is resolved, and the run got past its data and checkpoint checks.
             self.config.write_config()
@@ -298,9 +365,141 @@ class CertSDFTrainer(Trainer):
             self.optimizers.load_schedulers(state["schedulers"])
         self.grad_scaler.load_state_dict(state["scalers"])
         self._resume_rng = state.get(RNG_KEY)
+        self._train_seconds = float(state.get(SECONDS_KEY, 0.0))
+        self._plan = SchedulePlan.from_dict(state.get(PLAN_KEY))
         if self._resume_rng is None:
             warn(f"{path} has no RNG state; resumed steps draw different rays.")
         CONSOLE.print(f"Done loading Nerfstudio checkpoint from {path}")
+
+    # -- the budget -------------------------------------------------------------------------
+    def train_seconds(self) -> float:
+        """Training time spent so far, including the runs this one resumes."""
+        return self._train_seconds + (0.0 if self._mark is None else time.perf_counter() - self._mark)
+
+    def train(self) -> None:
+        self._first_step, self._seconds_at_start = self._start_step, self._train_seconds
+        if self.local_rank == 0:
+            log(self.plan_message())
+        super().train()
+
+    def plan_message(self) -> str:
+        """The one start-up line: what this run will do and how to change it."""
+        cfg = self.config
+        if self._budget is None:
+            what = f"train {cfg.max_num_iterations} steps (no time budget)"
+        else:
+            source = " (the CPU default)" if cfg.budget_is_cpu_default() else ""
+            what = (
+                f"train for {format_minutes(self._budget)} of training time{source} or "
+                f"{cfg.max_num_iterations} steps, whichever comes first"
+            )
+            if self._train_seconds > 0:
+                what += f", {format_minutes(self._train_seconds)} already spent"
+            if self._plan is None:
+                what += f"; schedules fitted to the steps that fit, timed over the first {cfg.budget_warmup_steps} steps"
+        evals = [
+            f"{label} every {getattr(cfg, name)} steps"
+            for name, label in zip(EVAL_CADENCES, ("eval batch", "eval image", "all eval images"))
+            if 0 < getattr(cfg, name) <= cfg.max_num_iterations
+        ]
+        if evals and self._budget is not None and cfg.eval_at_budget_end:
+            evals.append("and at the end (after the budget)")
+        how = "--max-train-minutes M (0: no budget) or --max-num-iterations N; eval with --steps-per-eval-image N"
+        return f"plan: {what}; {', '.join(evals) or 'no evaluation'}. Change with {how}."
+
+    def _close_interval(self) -> None:
+        """Add the open interval (a step and its evaluation) to the training time."""
+        if self._mark is not None:
+            self._train_seconds += time.perf_counter() - self._mark
+            self._mark = None
+
+    def train_iteration(self, step: int):
+        # Counted from here to the end of this step's evaluation; what follows until the next
+        # step (a checkpoint save, added by save_checkpoint; a pause from the viewer, not counted).
+        self._close_interval()
+        self._mark = time.perf_counter()
+        out = super().train_iteration(step)
+        if self._budget is not None:
+            self._after_budgeted_step(step)
+        return out
+
+    def _after_budgeted_step(self, step: int) -> None:
+        """Plan after the warm-up, keep the progress display's ETA on the budget, stop in time."""
+        assert self._budget is not None
+        spent, done = self.train_seconds(), step - self._first_step + 1
+        if done == 2:  # the first steps carry one-off costs (allocations, lazy imports): time from here
+            self._warm_reference = (step, spent)
+        if self._plan is None and done >= self.config.budget_warmup_steps:
+            ref_step, ref_spent = self._warm_reference or (self._first_step - 1, self._seconds_at_start)
+            per_step = (spent - ref_spent) / max(step - ref_step, 1)
+            end = self._start_step + self.config.max_num_iterations
+            self._plan = SchedulePlan(step + 1, planned_total_steps(step + 1, spent, per_step, self._budget, end))
+            self._apply_plan(self._plan)
+            if self.local_rank == 0:
+                self.config.write_config()  # config.yml records the anneal this run uses
+                log(
+                    f"budget plan: {per_step:.2f} s per step, so schedules fitted to steps "
+                    f"{self._plan.hold_steps}..{self._plan.total_steps}."
+                )
+        per_step_here = (spent - self._seconds_at_start) / done
+        left = self._budget - spent
+        self._show_budget_eta(step, left)
+        if left < per_step_here:  # the next step would not fit
+            self._stopped_at, self._stop_seconds = step, spent
+            self.stop_training = True
+
+    def _show_budget_eta(self, step: int, seconds_left: float) -> None:
+        """nerfstudio's ETA is (max_iter − step) × the mean step time: move max_iter so it reads
+        the budget's remaining time (and "% done" the budget's fraction)."""
+        if not writer.is_initialized():
+            return
+        mean = writer.GLOBAL_BUFFER["events"].get(writer.EventName.ITER_TRAIN_TIME.value, {}).get("avg", 0.0)
+        end = self._start_step + self.config.max_num_iterations
+        if mean > 0:
+            writer.GLOBAL_BUFFER["max_iter"] = min(end, step + max(seconds_left, 0.0) / mean)
+
+    def _apply_plan(self, plan: SchedulePlan) -> None:
+        """Fit the learning-rate schedulers and the σ/s anneal to ``plan`` (see budget.py)."""
+        reference = self.config.schedule_reference_steps
+        model_config = self.pipeline.model.config
+        model_config.anneal_start_step = plan.hold_steps
+        model_config.anneal_stretch = plan.stretch(reference)
+        self.pipeline.model.set_schedule_step(self.pipeline.model.step)
+        for name, scheduler in self.optimizers.schedulers.items():
+            if not fit_scheduler_to_plan(scheduler, self.config.optimizers[name]["scheduler"], plan, reference):
+                warn(f"the {name} learning-rate schedule is not an exponential decay without warm-up; it keeps its steps.")
+
+    def eval_iteration(self, step: int) -> None:
+        super().eval_iteration(step)
+        if step == self._stopped_at and self.config.eval_at_budget_end:
+            self._final_eval(step)
+        self._close_interval()
+
+    def _final_eval(self, step: int) -> None:
+        """The evaluations a full-length run would have run that this step did not."""
+        cfg = self.config
+        saved = {name: getattr(cfg, name) for name in EVAL_CADENCES}
+        due = {n: 0 < v <= cfg.max_num_iterations and not step_check(step, v) for n, v in saved.items()}
+        if not any(due.values()):
+            return
+        try:
+            for name in EVAL_CADENCES:  # cadence 1 runs at any step > 0; 0 never runs
+                object.__setattr__(cfg, name, 1 if due[name] else 0)
+            super().eval_iteration(step)
+        finally:
+            for name, value in saved.items():
+                object.__setattr__(cfg, name, value)
+
+    def _after_train(self) -> None:
+        if self._stopped_at is not None:
+            # nerfstudio's loop has already moved self.step to the next, untrained step.
+            self.step = self._stopped_at
+            after = self.train_seconds() - self._stop_seconds
+            log(
+                f"time budget reached after step {self._stopped_at} ({format_minutes(self._stop_seconds)} of "
+                f"training; the evaluation at the end took {after:.0f} s more)."
+            )
+        super()._after_train()
 
     # -- saving -----------------------------------------------------------------------
     def _expected_checkpoint_bytes(self) -> int:
@@ -316,6 +515,12 @@ class CertSDFTrainer(Trainer):
 
     @check_main_thread
     def save_checkpoint(self, step: int) -> None:
+        started, counting = time.perf_counter(), self._mark is None
+        self._save_checkpoint(step)
+        if counting:  # a save between steps counts as training time (inside an open interval it already does)
+            self._train_seconds += time.perf_counter() - started
+
+    def _save_checkpoint(self, step: int) -> None:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         ckpt_path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
         if ckpt_path.exists() and ckpt_path not in self._written:
@@ -329,7 +534,10 @@ class CertSDFTrainer(Trainer):
             "schedulers": {k: v.state_dict() for (k, v) in self.optimizers.schedulers.items()},
             "scalers": self.grad_scaler.state_dict(),
             RNG_KEY: rng_state(),
+            SECONDS_KEY: self.train_seconds(),
         }
+        if self._plan is not None:
+            state[PLAN_KEY] = self._plan.as_dict()
         need = tensor_bytes(state) + SAVE_OVERHEAD_BYTES
         self._warn_if_low_space(need)
         try:
