@@ -227,23 +227,22 @@ class CertSDFViewerControls(nn.Module):
         return f"σ={sigma:.2f} vox, s={sharp:.2f} vox ({mode}), step {model.step or 0}"
 
     def _on_sigma(self, element: ViewerSlider) -> None:
-        if self._is_echo("sigma", element):
-            return
-        value = float(element.value)
-        self._shown["sigma"] = value
-        self._owner().set_smoothing(sigma_voxels=value)
-        console.log(f"viewer: σ set to {value:.2f} voxels (schedule overridden)")
-        self._set_status(self._describe())
-        self.refresh_slice()
+        self._on_smoothing_slider("sigma", "σ", element)
 
     def _on_sharpness(self, element: ViewerSlider) -> None:
-        if self._is_echo("sharpness", element):
+        self._on_smoothing_slider("sharpness", "sharpness", element)
+
+    def _on_smoothing_slider(self, key: str, label: str, element: ViewerSlider) -> None:
+        """A user moved the σ or s slider: override the schedule with that value."""
+        if self._is_echo(key, element):
             return
         value = float(element.value)
-        self._shown["sharpness"] = value
-        self._owner().set_smoothing(sharpness_voxels=value)
-        console.log(f"viewer: sharpness set to {value:.2f} voxels (schedule overridden)")
+        self._shown[key] = value
+        self._owner().set_smoothing(**{f"{key}_voxels": value})
+        console.log(f"viewer: {label} set to {value:.2f} voxels (schedule overridden)")
         self._set_status(self._describe())
+        if key == "sigma":  # σ re-smooths the grid; s changes only how it renders
+            self.refresh_slice()
 
     def _on_reset(self, _: ViewerButton) -> None:
         model = self._owner()
