@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from certsdf_ns.bench.results import _finite
+from certsdf_ns.bench.results import _finite, plot_quality
 
 SUITES = ("speed", "quality", "sigma")
 
@@ -143,8 +143,6 @@ def write_report(results_dir: Path) -> Dict[str, str]:
         if not (suite_dir / "suite.json").is_file():
             continue
         if name == "quality":  # its plots come from the per-run records, which suite.json does not hold
-            from certsdf_ns.bench.suites import plot_quality
-
             runs = [json.loads(p.read_text()) for p in sorted(suite_dir.glob("*.json")) if p.name != "suite.json"]
             plot_quality(suite_dir, [r for r in runs if "evaluations" in r])
         written[name] = write_summary(suite_dir)

@@ -158,3 +158,28 @@ def plot_bars(path: Path, values: Mapping[str, float], title: str, ylabel: str) 
 
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def plot_quality(out: Path, records: Sequence[dict]) -> None:
+    """Per scene: PSNR/SSIM vs time, and Chamfer-L1/F-score vs time where meshes were scored.
+
+    Takes the per-run records (as written to `<run>.json`), so `certsdf-bench report` can redraw them."""
+    for scene in dict.fromkeys(r["scene"] for r in records):
+        recs = [r for r in records if r["scene"] == scene and r["status"] != "skipped"]
+        notes = [f"{r['method']}: {r['reason']}" for r in records if r["scene"] == scene and r["status"] == "skipped"]
+        for key, label in (("psnr", "PSNR (dB)"), ("ssim", "SSIM")):
+            series = {r["method"]: [(e["train_time_s"], e[key]) for e in r["evaluations"]] for r in recs}
+            plot_lines(out / f"{scene}_{key}.png", series, f"{scene}: test {key.upper()} vs training time",
+                       "training time (s)", label, notes=notes)  # fmt: skip
+        meshes = [m for r in recs for m in r.get("meshes") or []]
+        if not meshes:
+            continue
+        for key, label in (("chamfer_l1", "Chamfer-L1 (scene units)"), ("fscore", "F-score @ 0.01")):
+            series: Dict[str, list] = {}
+            for m in meshes:
+                y = m["chamfer_l1"] if key == "chamfer_l1" else (m.get("fscore") or {}).get("0.01", math.nan)
+                series.setdefault(m["method"], []).append((m["train_time_s"], math.nan if y is None else y))
+            failed = [f"{m['method']} @ step {m['step']}: {m['status']} ({m['reason'][:80]})" for m in meshes if m["status"] != "ok"]
+            # Chamfer spans orders of magnitude between a surface and a floater-ridden export: log scale.
+            plot_lines(out / f"{scene}_{key}.png", series, f"{scene}: {label} vs training time",
+                       "training time (s)", label, notes=notes + failed[:6], logy=key == "chamfer_l1")  # fmt: skip

@@ -18,7 +18,7 @@ from certsdf_ns.bench.meshes import PeerExportOptions
 from certsdf_ns.bench.methods import get_method
 from certsdf_ns.bench.offline import CHECKPOINT_NOTE, LPIPS_NOTE
 from certsdf_ns.bench.report import write_summary
-from certsdf_ns.bench.results import machine_info, plot_bars, plot_lines, write_csv, write_json
+from certsdf_ns.bench.results import machine_info, plot_bars, plot_lines, plot_quality, write_csv, write_json
 from certsdf_ns.bench.runner import trial_run_dir
 from certsdf_ns.bench.trial import TrialOptions, TrialRequest, run_trial
 from certsdf_ns.output_paths import OutputLocationError
@@ -274,31 +274,6 @@ def run_quality(cfg: QualityConfig) -> List[dict]:
     write_summary(out)
     plot_quality(out, records)
     return records
-
-
-def plot_quality(out: Path, records: Sequence[dict]) -> None:
-    """Per scene: PSNR/SSIM vs time, and Chamfer-L1/F-score vs time where meshes were scored.
-
-    Takes the per-run records (as written to `<run>.json`), so `certsdf-bench report` can redraw them."""
-    for scene in dict.fromkeys(r["scene"] for r in records):
-        recs = [r for r in records if r["scene"] == scene and r["status"] != "skipped"]
-        notes = [f"{r['method']}: {r['reason']}" for r in records if r["scene"] == scene and r["status"] == "skipped"]
-        for key, label in (("psnr", "PSNR (dB)"), ("ssim", "SSIM")):
-            series = {r["method"]: [(e["train_time_s"], e[key]) for e in r["evaluations"]] for r in recs}
-            plot_lines(out / f"{scene}_{key}.png", series, f"{scene}: test {key.upper()} vs training time",
-                       "training time (s)", label, notes=notes)  # fmt: skip
-        meshes = [m for r in recs for m in r.get("meshes") or []]
-        if not meshes:
-            continue
-        for key, label in (("chamfer_l1", "Chamfer-L1 (scene units)"), ("fscore", "F-score @ 0.01")):
-            series: Dict[str, list] = {}
-            for m in meshes:
-                y = m["chamfer_l1"] if key == "chamfer_l1" else (m.get("fscore") or {}).get("0.01", math.nan)
-                series.setdefault(m["method"], []).append((m["train_time_s"], math.nan if y is None else y))
-            failed = [f"{m['method']} @ step {m['step']}: {m['status']} ({m['reason'][:80]})" for m in meshes if m["status"] != "ok"]
-            # Chamfer spans orders of magnitude between a surface and a floater-ridden export: log scale.
-            plot_lines(out / f"{scene}_{key}.png", series, f"{scene}: {label} vs training time",
-                       "training time (s)", label, notes=notes + failed[:6], logy=key == "chamfer_l1")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- sigma
