@@ -464,7 +464,8 @@ class CertSDFTrainer(Trainer):
         model_config = self.pipeline.model.config
         model_config.anneal_start_step = plan.hold_steps
         model_config.anneal_stretch = plan.stretch(reference)
-        self.pipeline.model.set_schedule_step(self.pipeline.model.step)
+        # Re-apply σ/s at the current step (None before the first step: training starts at 0).
+        self.pipeline.model.set_schedule_step(self.pipeline.model.step or 0)
         for name, scheduler in self.optimizers.schedulers.items():
             if not fit_scheduler_to_plan(scheduler, self.config.optimizers[name]["scheduler"], plan, reference):
                 warn(f"the {name} learning-rate schedule is not an exponential decay without warm-up; it keeps its steps.")
