@@ -127,6 +127,16 @@ def certified_sdf_from_smoothed(p_hat: Tensor, sigma: float, eps: float) -> Tens
     return -sigma * probit(p)
 
 
+def max_certified_distance(sigma: float, eps: float) -> float:
+    """The largest |sdf| the clamp p̂ ∈ [ε, 1 − ε] allows: σ·Φ⁻¹(1 − ε)."""
+    return sigma * float(probit(torch.tensor(1.0 - eps, dtype=torch.float64)))
+
+
+def node_gradient(grid: Float[Tensor, "X Y Z"], spacing: Sequence[float]) -> Float[Tensor, "3 X Y Z"]:
+    """Central-difference gradient of a node grid (one-sided at the faces), for normals."""
+    return torch.stack([torch.gradient(grid, spacing=float(spacing[a]), dim=a)[0] for a in range(3)])
+
+
 def world_to_grid_coords(x: Float[Tensor, "N 3"], aabb: Float[Tensor, "2 3"]) -> Float[Tensor, "N 3"]:
     """World points to grid_sample's [-1, 1] coordinates (node 0 at -1, node R-1 at +1).
 
@@ -222,7 +232,7 @@ class CertifiedSDFGrid(nn.Module):
     @property
     def max_distance(self) -> float:
         """The largest |sdf| the clamp allows: σ·Φ⁻¹(1 − ε)."""
-        return self._sigma * float(probit(torch.tensor(1.0 - self.eps, dtype=torch.float64)))
+        return max_certified_distance(self._sigma, self.eps)
 
     def grid_points(self) -> Float[Tensor, "X Y Z 3"]:
         """World coordinates of the grid nodes (where occupancy and SDF are sampled)."""
@@ -309,11 +319,7 @@ class CertifiedSDFGrid(nn.Module):
         """Central-difference gradient of the node SDF (one-sided at the faces), for normals.
 
         Cached like :meth:`sdf_grid`: a rendered frame asks for normals once per ray chunk."""
-        def gradient() -> Tensor:
-            grid, h = self.sdf_grid(), self.voxel_size.tolist()
-            return torch.stack([torch.gradient(grid, spacing=h[a], dim=a)[0] for a in range(3)])
-
-        return self._memo("sdf_gradient", gradient)
+        return self._memo("sdf_gradient", lambda: node_gradient(self.sdf_grid(), self.voxel_size.tolist()))
 
     def normals(self, x: Float[Tensor, "N 3"]) -> Float[Tensor, "N 3"]:
         """Outward unit normals ∇sdf/|∇sdf| at world points."""

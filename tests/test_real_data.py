@@ -101,24 +101,27 @@ def small_cup(dst: Path, factor: float = 0.1) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module")
-def dtu(tmp_path_factory) -> Path:
+def require_real() -> None:
+    """Skip (with the reason) only where the shared captures are not mounted; CI has them."""
     if not REAL.is_dir():
         pytest.skip(f"{REAL} is absent: the shared real captures are not mounted")
+
+
+@pytest.fixture(scope="module")
+def dtu(tmp_path_factory) -> Path:
+    require_real()
     return small_dtu(tmp_path_factory.mktemp("real") / "dtu")
 
 
 @pytest.fixture(scope="module")
 def fruit(tmp_path_factory) -> Path:
-    if not REAL.is_dir():
-        pytest.skip(f"{REAL} is absent: the shared real captures are not mounted")
+    require_real()
     return small_fruit(tmp_path_factory.mktemp("real") / "fruit")
 
 
 @pytest.fixture(scope="module")
 def cup(tmp_path_factory) -> Path:
-    if not REAL.is_dir():
-        pytest.skip(f"{REAL} is absent: the shared real captures are not mounted")
+    require_real()
     return small_cup(tmp_path_factory.mktemp("real") / "cup")
 
 

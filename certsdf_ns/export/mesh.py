@@ -72,10 +72,16 @@ def check_lattice_args(resolution: int, upsample: int) -> None:
         raise ValueError("--upsample refines the node grid and applies to --resolution 0 only")
 
 
+def lattice_counts(resolution: int, upsample: int, grid_resolution: Sequence[int]) -> List[int]:
+    """Samples per axis of the marching-cubes lattice: ``resolution``, or the node grid refined
+    ``upsample`` times per cell when resolution is 0."""
+    check_lattice_args(resolution, upsample)
+    return [(r - 1) * upsample + 1 if resolution == 0 else resolution for r in grid_resolution]
+
+
 def lattice_coordinates(resolution: int, upsample: int, grid_resolution: Sequence[int]) -> List[Tensor]:
     """Per-axis sample positions in node-index units (0 … R−1) of the occupancy grid."""
-    check_lattice_args(resolution, upsample)
-    counts = [(r - 1) * upsample + 1 if resolution == 0 else resolution for r in grid_resolution]
+    counts = lattice_counts(resolution, upsample, grid_resolution)
     return [torch.linspace(0.0, float(r - 1), n, dtype=torch.float64) for r, n in zip(grid_resolution, counts)]
 
 

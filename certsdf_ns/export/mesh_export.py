@@ -30,6 +30,7 @@ with code 2 and one message, a checkpoint without a surface exits with code 1.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from rich.table import Table
 from certsdf_ns.console import CONSOLE
 from certsdf_ns.certified import CertifiedSDFGrid
 from certsdf_ns.errors import CertSDFInputError
-from certsdf_ns.export.mesh import NoSurfaceError, check_lattice_args, extract_mesh
+from certsdf_ns.export.mesh import NoSurfaceError, check_lattice_args, extract_mesh, lattice_counts
 from certsdf_ns.export.query import CertifiedSDF
 from certsdf_ns.output_paths import OutputLocationError, check_writable_dir
 from certsdf_ns.training.run_folder import check_checkpoint_folder
@@ -164,9 +165,8 @@ def _read_config(config_path: Path):
 
 
 def lattice_samples(resolution: int, upsample: int, grid_resolution: int) -> int:
-    """Marching-cubes samples of the lattice (the same counts as `lattice_coordinates`)."""
-    per_axis = (grid_resolution - 1) * upsample + 1 if resolution == 0 else resolution
-    return per_axis**3
+    """Marching-cubes samples of the lattice over a grid_resolution³ grid."""
+    return math.prod(lattice_counts(resolution, upsample, (grid_resolution,) * 3))
 
 
 def check_lattice_memory(resolution: int, upsample: int, grid_resolution: int, available: float) -> None:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from certsdf_ns.certified import CertifiedSDFGrid, sample_grid
+from certsdf_ns.certified import CertifiedSDFGrid, max_certified_distance, node_gradient, sample_grid
 
 DEFAULT_MARGIN_VOXELS = 1.0
 """Default safety margin in voxels of the occupancy grid (validated in the README)."""
@@ -130,8 +130,7 @@ class CertifiedSDF:
         self.transform = torch.from_numpy(full[:3, :]).float()
         self.safety_margin = self.voxel * DEFAULT_MARGIN_VOXELS if safety_margin is None else float(safety_margin)
         # Node gradients (central differences), for normals: computed once.
-        h = self.voxel_size.tolist()
-        self._grad_nodes = torch.stack([torch.gradient(self.sdf_nodes, spacing=h[a], dim=a)[0] for a in range(3)])
+        self._grad_nodes = node_gradient(self.sdf_nodes, self.voxel_size.tolist())
         self._lipschitz: Optional[float] = None
 
     @property
@@ -180,7 +179,7 @@ class CertifiedSDF:
     @property
     def max_distance(self) -> float:
         """The largest distance the grid can certify, σ·Φ⁻¹(1 − ε), in query-frame units."""
-        return self.sigma * math.sqrt(2.0) * float(torch.special.erfinv(torch.tensor(1.0 - 2.0 * self.eps, dtype=torch.float64))) / self.scale
+        return max_certified_distance(self.sigma, self.eps) / self.scale
 
     def to_grid(self, x: Float[Tensor, "N 3"]) -> Float[Tensor, "N 3"]:
         return self.scale * (x.float() @ self.transform[:, :3].T + self.transform[:, 3])
