@@ -131,7 +131,7 @@ def test_quality_suite_tracks_images_and_meshes(tiny_scene: Path, tmp_path_facto
 def test_sigma_suite_annealed_row(tiny_scene: Path, tmp_path_factory) -> None:
     """One annealed σ row (fixed rows are the same code with start = end; certsdf's default σ is
     fixed and runs in the other suites): σ replayed on load, certificate numbers, plots."""
-    from certsdf_ns.method.model import annealed
+    from certsdf_ns.certified import annealed
 
     out = _bench("sigma", tmp_path_factory.mktemp("bench"), "--scene", tiny_scene, "--sigmas",
                  "--anneal", "4", "1", "--anneal-steps", "5", "--certify.surface-samples", "100000",

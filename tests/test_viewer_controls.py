@@ -22,7 +22,8 @@ from nerfstudio.viewer.utils import parse_object
 from nerfstudio.viewer.viewer_elements import ViewerControl, ViewerElement
 
 from certsdf_ns.export.mesh import extract_mesh
-from certsdf_ns.method.model import CertSDFModelConfig, SampleBudget, annealed
+from certsdf_ns.certified import annealed
+from certsdf_ns.method.model import CertSDFModelConfig, SampleBudget
 from certsdf_ns.viewer.controls import CertSDFViewerControls
 
 CENTRE = torch.tensor([0.1, 0.0, -0.1])

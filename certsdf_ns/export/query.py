@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from certsdf_ns.certified import CertifiedSDFGrid, max_certified_distance, node_gradient, sample_grid
+from certsdf_ns.certified import CertifiedSDFGrid, annealed, max_certified_distance, node_gradient, sample_grid
 
 DEFAULT_MARGIN_VOXELS = 1.0
 """Default safety margin in voxels of the occupancy grid (validated in the README)."""
@@ -334,14 +334,6 @@ def latest_checkpoint(model_dir: Path, step: Optional[int] = None) -> Path:
     return ckpts[-1]
 
 
-def annealed(start: float, end: float, step: int, steps: int) -> float:
-    """The model's σ/s schedule (log-linear over `steps`), repeated here to stay nerfstudio-free."""
-    if steps <= 0 or start == end:
-        return float(end)
-    t = min(max(step / steps, 0.0), 1.0)
-    return float(math.exp((1.0 - t) * math.log(start) + t * math.log(end)))
-
-
 def load_checkpoint_grid(config_path: Path, step: Optional[int] = None) -> Tuple[CertifiedSDFGrid, Path]:
     """(CertifiedSDFGrid with the checkpoint's logits, box and σ at its step; the run folder)."""
     run_dir = Path(config_path).resolve().parent
@@ -352,8 +344,12 @@ def load_checkpoint_grid(config_path: Path, step: Optional[int] = None) -> Tuple
     logits = pipeline["_model.field.geometry.logits"]
     aabb = pipeline["_model.field.geometry.aabb"]
     voxel = float(((aabb[1] - aabb[0]) / (int(model["grid_resolution"]) - 1)).min())
-    sigma_voxels = annealed(float(model["sigma_start_voxels"]), float(model["sigma_voxels"]), int(state["step"]),
-                            int(model["anneal_steps"]))  # fmt: skip
+    # The model's schedule (CertSDFModel.scheduled_smoothing), with a budgeted run's shifted start and
+    # stretched length (configs older than those settings have neither).
+    sigma_voxels = annealed(
+        float(model["sigma_start_voxels"]), float(model["sigma_voxels"]), int(state["step"]), int(model["anneal_steps"]),
+        int(model.get("anneal_start_step", 0)), float(model.get("anneal_stretch", 1.0)),
+    )  # fmt: skip
     grid = CertifiedSDFGrid(tuple(logits.shape), aabb, sigma=sigma_voxels * voxel, eps=float(model["eps"]))
     with torch.no_grad():
         grid.logits.copy_(logits)

@@ -30,7 +30,15 @@ from nerfstudio.models.base_model import Model, ModelConfig
 from nerfstudio.utils import colormaps
 from nerfstudio.utils.colors import get_color
 
-from certsdf_ns.certified import sample_grid, unbiased_alphas
+from certsdf_ns.certified import (
+    TRILINEAR_LIPSCHITZ,
+    annealed,
+    band_brick_distance,
+    band_distance,
+    band_interval,
+    sample_grid,
+    unbiased_alphas,
+)
 from certsdf_ns.console import log
 from certsdf_ns.data.validation import BACKGROUND_KEY, MASK_BATCH_KEY
 from certsdf_ns.errors import CertSDFInputError, exit_cleanly
@@ -49,17 +57,6 @@ class SampleBudget:
     """PDF samples drawn from the coarse weights."""
     colour: int
     """At most this many samples per ray go through the colour network."""
-
-
-def annealed(start: float, end: float, step: int, steps: int) -> float:
-    """Log-linear interpolation from start to end over `steps` (constant afterwards).
-
-    A pure function of the step, so a resumed run follows exactly the same schedule.
-    """
-    if steps <= 0 or start == end:
-        return float(end)
-    t = min(max(step / steps, 0.0), 1.0)
-    return float(math.exp((1.0 - t) * math.log(start) + t * math.log(end)))
 
 
 # -- object masks (certsdf_ns.data.datamanager delivers them as batch[MASK_BATCH_KEY]) -------------
@@ -117,8 +114,28 @@ class CertSDFModelConfig(ModelConfig, CertSDFFieldConfig):
     anneal_stretch: float = 1.0
     """The anneal lasts `anneal_steps * anneal_stretch` steps (a budgeted run compresses it to
     its planned length; set by the trainer)."""
+    sampler: Literal["certified", "uniform"] = "certified"
+    """'certified': march each ray with certified steps to where the density can matter (the band
+    sdf < d_τ, see `band_opacity`) and put the uniform and PDF samples only there; rays that never
+    reach the band are background. 'uniform': the samples span the whole scene box (the reference)."""
+    band_opacity: float = 1e-4
+    """τ of the certified sampler: a skipped stretch of a ray can hold at most this opacity (unbiased
+    map; for the paper map, during the warm-up, the band widens so the whole box diagonal does). d_τ =
+    s·ln((1 − τ)/τ): 2.3 voxels at s = ¼ voxel."""
+    trace_iterations: int = 24
+    """Certified-sampler march steps per direction (batched; a ray still marching when they run out
+    samples from where it stopped, which is safe)."""
+    trace_brick_voxels: int = 8
+    """Brick edge (voxels) of the map that lets the march jump further than the SDF's clamp in empty space."""
+    trace_min_step_voxels: float = 0.25
+    """A march step shorter than this (voxels) means the band is that close: the ray's samples start there."""
+    miss_samples: int = 16
+    """Training only: uniform samples over the whole box for rays that never reach the band, so that a
+    pixel of the object the grid still lacks keeps pulling geometry in (the alpha loss's gradient does
+    not vanish with the density). Outside training such rays show the background."""
     num_coarse_samples: int = 64
-    """Uniform samples per ray inside the scene box (density only: trilinear lookups)."""
+    """Uniform samples per ray over its sampled interval (the band with the certified sampler, else the
+    box): density only, trilinear lookups."""
     num_fine_samples: int = 32
     """PDF samples per ray, drawn from the coarse weights and merged with the coarse samples."""
     include_coarse_samples: bool = True
@@ -205,11 +222,10 @@ class CertSDFModel(Model):
         """(σ, s) in voxels that the schedule gives at ``step``: a pure function of the step, so a
         resumed run follows exactly the same schedule."""
         cfg = self.config
-        steps = round(cfg.anneal_steps * cfg.anneal_stretch) if cfg.anneal_steps > 0 else 0
-        step = step - cfg.anneal_start_step
+        plan = (cfg.anneal_steps, cfg.anneal_start_step, cfg.anneal_stretch)
         return (
-            annealed(cfg.sigma_start_voxels, cfg.sigma_voxels, step, steps),
-            annealed(cfg.sharpness_start_voxels, cfg.sharpness_voxels, step, steps),
+            annealed(cfg.sigma_start_voxels, cfg.sigma_voxels, step, *plan),
+            annealed(cfg.sharpness_start_voxels, cfg.sharpness_voxels, step, *plan),
         )
 
     def set_smoothing(self, sigma_voxels: Optional[float] = None, sharpness_voxels: Optional[float] = None) -> None:
@@ -290,13 +306,124 @@ class CertSDFModel(Model):
         return self.get_outputs(self.box_collider(ray_bundle))
 
     def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
-        field_ = self.field
-        sdf_grid = field_.geometry.sdf_grid()  # once per batch; differentiable while training
+        sdf_grid = self.field.geometry.sdf_grid()  # once per batch; differentiable while training
         budget = self.sample_budget()
-        coarse = self.uniform_sampler(ray_bundle, num_samples=budget.coarse)
-        with torch.no_grad():
-            coarse_weights, _ = self.render_weights(coarse, sdf_grid.detach())
-        samples = self.pdf_sampler(ray_bundle, coarse, coarse_weights, num_samples=budget.fine)
+        if self.config.sampler == "uniform":
+            outputs = self.render_rays(ray_bundle, sdf_grid, budget)
+        else:
+            outputs = self.render_band(ray_bundle, sdf_grid, budget)
+        if not self.training and self._random_background():
+            # Outside training, composite the evaluation background (the "random" renderer returns black).
+            outputs["rgb"] = outputs["rgb"] + self.eval_background.to(outputs["rgb"]) * (1.0 - outputs["accumulation"])
+        if self.training:
+            outputs["fill_loss"] = outputs.pop("fill_sum") / outputs.pop("fill_count").clamp_min(1.0)
+        return outputs
+
+    # -- the certified sampler ---------------------------------------------------------
+    def band(self) -> float:
+        """d_τ (world units): where sdf ≥ d_τ a skipped stretch of ray holds opacity ≤ `band_opacity`.
+
+        The unbiased map bounds each interval's opacity by sigmoid(−d/s) (`certified.band_distance`).
+        The paper map, used in the warm-up, is a density: ≈ density_scale·G per unit length, so the
+        band widens until a whole box diagonal at that density stays within τ."""
+        cfg, field_ = self.config, self.field
+        if self.unbiased_fraction() >= 1.0:
+            return band_distance(field_.sharpness, cfg.band_opacity)
+        diagonal = float((field_.aabb[1] - field_.aabb[0]).norm())
+        return band_distance(field_.sharpness, cfg.band_opacity / (cfg.density_scale * diagonal))
+
+    def band_bricks(self, sdf_nodes: Tensor, band: float) -> Tuple[Tensor, int]:
+        """The brick distance map of `certified.band_brick_distance` for this grid and band; reused
+        while neither changes (every frame of a paused viewer, every chunk of an eval image)."""
+        brick = self.config.trace_brick_voxels
+        key = (sdf_nodes.data_ptr(), sdf_nodes._version, band)
+        cached = getattr(self, "_bricks_memo", None)
+        if cached is None or cached[0] != key:
+            cached = (key, (band_brick_distance(sdf_nodes, band, brick), brick))
+            self._bricks_memo = cached
+        return cached[1]
+
+    @torch.no_grad()
+    def band_intervals(self, ray_bundle: RayBundle, sdf_nodes: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(t_in, t_out, lowest SDF seen, SDF lookups spent) per ray: outside [t_in, t_out] the ray is certified to stay
+        out of the band (`certified.band_interval`); t_in > t_out: it never reaches it."""
+        cfg, field_ = self.config, self.field
+        band = self.band()
+        return band_interval(
+            sdf_nodes,
+            field_.aabb,
+            ray_bundle.origins,
+            ray_bundle.directions,
+            ray_bundle.nears[..., 0],
+            ray_bundle.fars[..., 0],
+            band,
+            self.band_bricks(sdf_nodes, band),
+            lipschitz=TRILINEAR_LIPSCHITZ,
+            iterations=cfg.trace_iterations,
+            min_step=cfg.trace_min_step_voxels * self.voxel,
+        )
+
+    def render_band(self, ray_bundle: RayBundle, sdf_grid: Tensor, budget: SampleBudget) -> Dict[str, Tensor]:
+        """Render with the samples inside each ray's band interval; rays that miss the band are
+        background (in training they get `miss_samples` uniform samples instead)."""
+        t_in, t_out, lowest, trace_lookups = self.band_intervals(ray_bundle, sdf_grid.detach())
+        reaches = t_in < t_out
+        hit_idx, miss_idx = torch.nonzero(reaches)[:, 0], torch.nonzero(~reaches)[:, 0]
+        groups: List[Tuple[Tensor, Dict[str, Tensor]]] = []
+        if hit_idx.numel():
+            inside = ray_bundle[hit_idx]
+            inside.nears, inside.fars = t_in[hit_idx, None], t_out[hit_idx, None]
+            groups.append((hit_idx, self.render_rays(inside, sdf_grid, budget)))
+        if miss_idx.numel():
+            missed = ray_bundle[miss_idx]
+            if self.training:
+                groups.append((miss_idx, self.render_rays(missed, sdf_grid, budget, coarse_only=self.config.miss_samples)))
+            else:
+                groups.append((miss_idx, self.background_outputs(missed, lowest[miss_idx])))
+        n = len(ray_bundle)
+        outputs: Dict[str, Tensor] = {}
+        for key in groups[0][1]:
+            parts = [(idx, out[key]) for idx, out in groups]
+            if parts[0][1].dim() == 0:  # batch sums (the fill prior)
+                outputs[key] = sum(p for _, p in parts)
+                continue
+            merged = parts[0][1].new_zeros(n, *parts[0][1].shape[1:])
+            for idx, value in parts:
+                merged = merged.index_put((idx,), value)
+            outputs[key] = merged
+        if not self.training:
+            outputs["sdf_lookups"] = outputs["sdf_lookups"] + trace_lookups[:, None]
+        return outputs
+
+    def background_outputs(self, ray_bundle: RayBundle, lowest: Tensor) -> Dict[str, Tensor]:
+        """What rays certified to miss the band render as (outside training): the background, with
+        the SDF outputs from the smallest SDF the march saw."""
+        n, device = len(ray_bundle), ray_bundle.origins.device
+        zeros = torch.zeros(n, 1, device=device)
+        rgb = self.renderer_rgb(rgb=torch.zeros(n, 1, 3, device=device), weights=torch.zeros(n, 1, 1, device=device))
+        outputs = {"rgb": rgb, "accumulation": zeros, "depth": ray_bundle.fars.clone()}
+        outputs["normals"] = torch.full((n, 3), 0.5, device=device)
+        outputs["sdf"] = zeros.clone()
+        outputs["num_colour_samples"] = zeros.clone()
+        outputs["sdf_lookups"] = zeros.clone()
+        lowest = torch.where(torch.isfinite(lowest), lowest, torch.full_like(lowest, self.field.geometry.max_distance))
+        outputs.update(ray_sdf_outputs(lowest[:, None, None], self.field.geometry.max_distance, band=0.5 * self.voxel))
+        return outputs
+
+    # -- samples to pixels ----------------------------------------------------------------
+    def render_rays(
+        self, ray_bundle: RayBundle, sdf_grid: Tensor, budget: SampleBudget, coarse_only: int = 0
+    ) -> Dict[str, Tensor]:
+        """Uniform samples over [nears, fars], then PDF samples from their weights (or `coarse_only`
+        uniform samples and nothing else), rendered. In training also the fill prior's batch sum."""
+        field_ = self.field
+        if coarse_only:
+            samples = self.uniform_sampler(ray_bundle, num_samples=coarse_only)
+        else:
+            coarse = self.uniform_sampler(ray_bundle, num_samples=budget.coarse)
+            with torch.no_grad():
+                coarse_weights, _ = self.render_weights(coarse, sdf_grid.detach())
+            samples = self.pdf_sampler(ray_bundle, coarse, coarse_weights, num_samples=budget.fine)
         positions = samples.frustums.get_positions()
         weights, transmittance = self.render_weights(samples, sdf_grid)
 
@@ -318,9 +445,6 @@ class CertSDFModel(Model):
             rgb_samples = torch.where(active[..., None], rgb_samples, mean)
         accumulation = self.renderer_accumulation(weights=weights)
         rgb = self.renderer_rgb(rgb=rgb_samples, weights=weights)
-        if not self.training and self._random_background():
-            # Outside training, composite the evaluation background (the "random" renderer returns black).
-            rgb = rgb + self.eval_background.to(rgb) * (1.0 - accumulation)
         depth = self.renderer_depth(weights=weights, ray_samples=samples)
         outputs: Dict[str, Tensor] = {"rgb": rgb, "accumulation": accumulation, "depth": depth}
 
@@ -330,7 +454,8 @@ class CertSDFModel(Model):
             n = max(1, int(positions.shape[0] * self.config.fill_ray_fraction))
             occupancy = sample_grid(torch.sigmoid(field_.geometry.logits), positions[:n].reshape(-1, 3), field_.aabb)
             behind = (1.0 - transmittance[:n, :-1, 0]).detach().reshape(-1)  # T before each sample
-            outputs["fill_loss"] = F.binary_cross_entropy(occupancy.clamp(1e-6, 1 - 1e-6), behind.clamp(0.0, 1.0))
+            bce = F.binary_cross_entropy(occupancy.clamp(1e-6, 1 - 1e-6), behind.clamp(0.0, 1.0), reduction="sum")
+            outputs["fill_sum"], outputs["fill_count"] = bce, torch.tensor(float(behind.numel()), device=bce.device)
         else:
             with torch.no_grad():
                 flat = positions.reshape(-1, 3)
@@ -342,6 +467,10 @@ class CertSDFModel(Model):
                 sdf = field_.sdf_at(flat, sdf_grid).reshape(*positions.shape[:-1], 1)
                 outputs["sdf"] = (weights * sdf).sum(dim=-2) / accumulation.clamp_min(1e-6)
                 outputs["num_colour_samples"] = active.sum(dim=-1, keepdim=True).float()
+                # Density lookups per ray: the interval edges of each rendered pass (the bench's
+                # samples-per-ray distribution; the certified sampler adds its march).
+                passes = samples.shape[-1] + 1 + (0 if coarse_only else budget.coarse + 1)
+                outputs["sdf_lookups"] = torch.full_like(accumulation, float(passes))
                 outputs.update(ray_sdf_outputs(sdf, field_.geometry.max_distance, band=0.5 * self.voxel))
         return outputs
 

@@ -73,6 +73,13 @@ def model_config_problems(cfg: "CertSDFModelConfig") -> List[str]:
         problems.append(f"{flag}eps is {cfg.eps}; it must lie strictly between 0 and 0.5 (p̂ is clamped to [eps, 1-eps]).")
     if cfg.anneal_steps < 0:
         problems.append(f"{flag}anneal-steps is {cfg.anneal_steps}; it must be >= 0.")
+    if not 0.0 < cfg.band_opacity < 0.5:
+        problems.append(
+            f"{flag}band-opacity is {cfg.band_opacity}; it must lie strictly between 0 and 0.5 (the opacity a "
+            "skipped stretch of ray may hold)."
+        )
+    if cfg.trace_brick_voxels < 1 or cfg.trace_iterations < 0:
+        problems.append(f"{flag}trace-brick-voxels must be >= 1 and trace-iterations >= 0.")
     return problems
 
 
