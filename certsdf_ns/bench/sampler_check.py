@@ -2,9 +2,10 @@
 
     python -m certsdf_ns.bench.sampler_check CONFIG SCENE [--scale 0.25] [--views 5]
 
-Renders the scene's first test views twice through the model's own `get_outputs_for_camera`: with the
-certified sampler (the default: samples only inside each ray's band) and with a dense reference, the
-uniform sampler over the whole box with `REFERENCE` samples per ray. Reports PSNR and SSIM of each
+Renders the scene's first test views three times through the model's own `get_outputs_for_camera`:
+with the certified sampler (the default: samples only inside each ray's band), with the uniform sampler
+at the configured budget (the same samples spread over the whole box: no skipping), and with a dense
+reference, the uniform sampler over the whole box with `REFERENCE` samples per ray. Reports PSNR and SSIM of each
 against the ground truth, the PSNR between the two renders, the time per image, and the distribution
 of SDF lookups per ray (march steps + samples; mean and p95).
 """
@@ -64,6 +65,7 @@ def sampler_equivalence(config: Path, scene: Path, scale_factor: float = 1.0, n_
         cfg.sampler = "certified"
         certified = _render(model, cameras, images)
         cfg.sampler = "uniform"
+        uniform = _render(model, cameras, images)
         model.set_sample_budget_hook(lambda configured: REFERENCE)
         reference = _render(model, cameras, images)
     finally:
@@ -76,6 +78,8 @@ def sampler_equivalence(config: Path, scene: Path, scale_factor: float = 1.0, n_
     result = {"step": step, "n_views": len(images)}
     result.update({f"certified_{k}": v for k, v in certified.items()})
     result.update({f"reference_{k}": v for k, v in reference.items()})
+    uniform.pop("images")
+    result.update({f"uniform_{k}": v for k, v in uniform.items()})
     result["psnr_between"] = sum(between) / len(between)
     return result
 
