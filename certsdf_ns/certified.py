@@ -428,13 +428,10 @@ def band_brick_distance(
     this extends the certificate beyond the SDF's clamp σ·Φ⁻¹(1 − ε) (~8.5 voxels), where a sphere tracer
     on the SDF alone would crawl. Distances are capped at ``max_bricks``.
     """
-    nodes = sdf_nodes.float()
-    pads = [(-(n - 1)) % brick for n in nodes.shape]  # cells per axis to a multiple of the brick
-    if any(pads):
-        # Replicated nodes lie outside the box, which the rays never visit.
-        nodes = F.pad(nodes[None, None], (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")[0, 0]
-    lowest = -F.max_pool3d(-nodes[None, None], kernel_size=brick + 1, stride=brick)  # [1, 1, BX, BY, BZ]
-    touched = (lowest <= band).float()
+    below = (sdf_nodes <= band).float()[None, None]
+    # Windows of brick + 1 nodes every brick nodes; ceil_mode lets the last brick be partial (the
+    # cells beyond the box's last node are never visited).
+    touched = F.max_pool3d(below, kernel_size=brick + 1, stride=brick, ceil_mode=True)  # [1, 1, BX, BY, BZ]
     distance = torch.zeros_like(touched)
     reach = touched
     for _ in range(max_bricks):

@@ -218,3 +218,24 @@ def test_certified_sampler_matches_a_dense_reference(trained_run) -> None:
     assert abs(result["certified_psnr"] - result["reference_psnr"]) <= 0.1, result
     assert result["certified_psnr"] > 20.0  # a real image, not two equal failures
     assert result["certified_lookups_mean"] < result["reference_lookups_mean"]
+
+
+def test_brick_map_is_exact() -> None:
+    """Bricks (partial at the far faces) touch the band exactly when one of their nodes does, and the
+    distances are Chebyshev distances between bricks, capped."""
+    g = torch.Generator().manual_seed(9)
+    nodes = torch.rand(18, 18, 18, generator=g)  # 17 cells: four bricks of 4 and a partial one
+    band, brick = 0.02, 4
+    distance = band_brick_distance(nodes, band, brick, max_bricks=3)
+    assert distance.shape == (5, 5, 5)
+    touched = torch.zeros(5, 5, 5, dtype=torch.bool)
+    for i in range(5):
+        for j in range(5):
+            for k in range(5):
+                block = nodes[i * brick : i * brick + brick + 1, j * brick : j * brick + brick + 1, k * brick : k * brick + brick + 1]
+                touched[i, j, k] = bool((block <= band).any())
+    assert torch.equal(distance == 0, touched)
+    idx = torch.stack(torch.meshgrid(*[torch.arange(5)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    hits = idx[touched.reshape(-1)]
+    cheb = (idx[:, None] - hits[None]).abs().amax(-1).amin(-1).float().clamp(max=3).reshape(5, 5, 5)
+    assert torch.equal(distance, cheb)

@@ -336,7 +336,7 @@ class CertSDFModel(Model):
     def band_bricks(self, sdf_nodes: Tensor, band: float) -> Tuple[Tensor, int]:
         """The brick distance map of `certified.band_brick_distance` for this grid and band; reused
         while neither changes (every frame of a paused viewer, every chunk of an eval image)."""
-        brick = self.config.trace_brick_voxels
+        brick = max(1, min(self.config.trace_brick_voxels, min(sdf_nodes.shape) - 1))
         key = (sdf_nodes.data_ptr(), sdf_nodes._version, band)
         cached = getattr(self, "_bricks_memo", None)
         if cached is None or cached[0] != key:
