@@ -4,7 +4,9 @@ Same camera maths (``get_camera`` from a ``CameraState`` at the first training c
 the SetTrace interrupt hook, and a RenderStateMachine thread in the given state, so the
 "Fast preview while moving" budget applies exactly as in the viewer.
 
-    .venv/bin/python certsdf_ns/scripts/time_viewer_render.py outputs/.../config.yml
+    .venv/bin/python certsdf_ns/scripts/time_viewer_render.py outputs/.../config.yml [certified|uniform]
+
+The optional second argument picks the sampler (default: the run's own).
 
 Sizes: 53x30 is the viewer's smallest preview (30 px tall at 16:9; on CPU nerfstudio's
 adaptive preview always ends there), 128x72 the still frame at certsdf's CPU "Max res",
@@ -21,6 +23,8 @@ from nerfstudio.viewer.render_state_machine import RenderStateMachine
 
 config, pipeline, _, step = eval_setup(Path(sys.argv[1]), test_mode="test")
 model = pipeline.model.eval()
+if len(sys.argv) > 2:
+    model.config.sampler = sys.argv[2]
 pipeline.viewer_controls.viewer_control.viser_server = object()  # as if a viewer were attached
 model.set_sample_budget_hook(pipeline.viewer_controls.sample_budget)
 cams = pipeline.datamanager.train_dataset.cameras
@@ -45,7 +49,7 @@ def render(h, w, state):
         return time.perf_counter() - t, out
     return in_thread(go, state)
 
-print(f"checkpoint step {step}, torch threads {torch.get_num_threads()}, grid {model.config.grid_resolution}")
+print(f"checkpoint step {step}, torch threads {torch.get_num_threads()}, grid {model.config.grid_resolution}, sampler {model.config.sampler}")
 render(30, 53, "low_move")
 for (h, w, state, reps) in [(30, 53, "low_move", 5), (30, 53, "low_static", 5), (72, 128, "high", 3), (288, 512, "high", 1)]:
     la = os.getloadavg()[0]

@@ -1,0 +1,90 @@
+"""Where a certsdf training step goes: data, forward, losses, backward, optimizer (wall-clock, ms).
+
+    OMP_NUM_THREADS=1 taskset -c 1 python certsdf_ns/scripts/step_phases.py DATA [--scale 0.25] \
+        [--checkpoint CKPT --start-step N] [--warmup 5] [--steps 5] [model_option=value ...]
+
+Builds the `ns-train certsdf` pipeline on DATA (camera-res-scale-factor --scale), optionally loads a
+checkpoint (so the grid is a trained one, not fog), runs `--warmup` untimed steps and then times
+`--steps` steps with the trainer's optimizer (fused Adam, the method config's learning rates). With
+the certified sampler it also reports the fraction of rays that reach the band, the band's mean length
+against the box chord, and the march's SDF lookups per ray (mean, p95). Model options are given as
+`name=value` (e.g. `sampler=uniform`).
+"""
+import argparse
+import copy
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from certsdf_ns.method_config import certsdf_trainer_config
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("data", type=Path)
+parser.add_argument("--scale", type=float, default=0.25)
+parser.add_argument("--checkpoint", type=Path)
+parser.add_argument("--start-step", type=int, default=0)
+parser.add_argument("--warmup", type=int, default=5)
+parser.add_argument("--steps", type=int, default=5)
+parser.add_argument("options", nargs="*")
+args = parser.parse_intermixed_args()
+
+torch.set_num_threads(1)
+cfg = copy.deepcopy(certsdf_trainer_config)
+cfg.pipeline.datamanager.data = args.data
+cfg.pipeline.datamanager.dataparser.data = args.data
+cfg.pipeline.datamanager.camera_res_scale_factor = args.scale
+for option in args.options:
+    name, value = option.split("=")
+    current = getattr(cfg.pipeline.model, name)
+    setattr(cfg.pipeline.model, name, (value == "True") if isinstance(current, bool) else type(current)(value))
+pipeline = cfg.pipeline.setup(device="cpu", test_mode="val", world_size=1, local_rank=0)
+model = pipeline.model
+if args.checkpoint:
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    pipeline.load_pipeline(state["pipeline"], state["step"])
+lrs = {name: opt["optimizer"].lr for name, opt in cfg.optimizers.items()}
+optimizer = torch.optim.Adam(
+    [{"params": params, "lr": lrs[name]} for name, params in model.get_param_groups().items()], eps=1e-15, fused=True
+)
+totals = {}
+
+
+def step(i: int, timed: bool) -> None:
+    model.train()
+    model.set_schedule_step(i)
+    marks = [time.perf_counter()]
+    ray_bundle, batch = pipeline.datamanager.next_train(i)
+    marks.append(time.perf_counter())
+    outputs = model(ray_bundle)
+    marks.append(time.perf_counter())
+    loss = sum(model.get_loss_dict(outputs, batch).values())
+    marks.append(time.perf_counter())
+    optimizer.zero_grad()
+    loss.backward()
+    marks.append(time.perf_counter())
+    optimizer.step()
+    marks.append(time.perf_counter())
+    if timed:
+        for name, a, b in zip(("data", "forward", "losses", "backward", "optimizer"), marks, marks[1:]):
+            totals[name] = totals.get(name, 0.0) + b - a
+
+
+for i in range(args.start_step, args.start_step + args.warmup):
+    step(i, False)
+for i in range(args.start_step + args.warmup, args.start_step + args.warmup + args.steps):
+    step(i, True)
+total = sum(totals.values()) / args.steps
+print(f"step {total * 1000:.0f} ms (load {os.getloadavg()[0]:.1f}): " + ", ".join(f"{k} {v / args.steps * 1000:.0f} ms" for k, v in totals.items()))
+if model.config.sampler == "certified":
+    ray_bundle, _ = pipeline.datamanager.next_train(0)
+    ray_bundle = model.box_collider(ray_bundle)
+    with torch.no_grad():
+        t_in, t_out, _, lookups = model.band_intervals(ray_bundle, model.field.geometry.sdf_grid())
+    reach = t_in < t_out
+    chord = (ray_bundle.fars - ray_bundle.nears)[..., 0]
+    print(
+        f"rays reaching the band {reach.float().mean():.2f}; band length {(t_out - t_in)[reach].mean():.2f} of a "
+        f"{chord.mean():.2f} chord; march lookups per ray mean {lookups.mean():.1f}, p95 {lookups.quantile(0.95):.0f}"
+    )
