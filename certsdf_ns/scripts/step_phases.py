@@ -1,7 +1,7 @@
 """Where a certsdf training step goes: data, forward, losses, backward, optimizer (wall-clock, ms).
 
     OMP_NUM_THREADS=1 taskset -c 1 python certsdf_ns/scripts/step_phases.py DATA [--scale 0.25] \
-        [--checkpoint CKPT --start-step N] [--warmup 5] [--steps 5] [model_option=value ...]
+        [--checkpoint CKPT --start-step N] [--warmup 5] [--steps 5] [--profile] [model_option=value ...]
 
 Builds the `ns-train certsdf` pipeline on DATA (camera-res-scale-factor --scale), optionally loads a
 checkpoint (so the grid is a trained one, not fog), runs `--warmup` untimed steps and then times
@@ -27,6 +27,7 @@ parser.add_argument("--checkpoint", type=Path)
 parser.add_argument("--start-step", type=int, default=0)
 parser.add_argument("--warmup", type=int, default=5)
 parser.add_argument("--steps", type=int, default=5)
+parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of the timed steps")
 parser.add_argument("options", nargs="*")
 args = parser.parse_intermixed_args()
 
@@ -73,8 +74,11 @@ def step(i: int, timed: bool) -> None:
 
 for i in range(args.start_step, args.start_step + args.warmup):
     step(i, False)
-for i in range(args.start_step + args.warmup, args.start_step + args.warmup + args.steps):
-    step(i, True)
+with torch.profiler.profile(enabled=args.profile) as profile:
+    for i in range(args.start_step + args.warmup, args.start_step + args.warmup + args.steps):
+        step(i, True)
+if args.profile:
+    print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 total = sum(totals.values()) / args.steps
 print(f"step {total * 1000:.0f} ms (load {os.getloadavg()[0]:.1f}): " + ", ".join(f"{k} {v / args.steps * 1000:.0f} ms" for k, v in totals.items()))
 if model.config.sampler == "certified":
