@@ -268,9 +268,12 @@ def test_train_viewer_in_browser(tiny_scene: Path, shots: Path):
             "--viewer.max-num-display-images", "8", "--max-num-iterations", "100000",
             *TINY_TRAIN_ARGS, "--pipeline.datamanager.train-num-rays-per-batch", "512",
             # The σ check below needs the young model's visible fog: at the default s = 0.25 voxel
-            # the initial occupancy renders almost no density, so there is nothing for σ to thin.
+            # the initial occupancy renders almost no density, so there is nothing for σ to thin;
+            # and the unbiased map renders uniform fog transparent (its opacity comes from SDF
+            # differences along a ray), so the paper map keeps the fog visible after its warm-up.
             "--pipeline.model.sigma-start-voxels", "1.5", "--pipeline.model.sigma-voxels", "1.5",
             "--pipeline.model.sharpness-start-voxels", "0.5", "--pipeline.model.sharpness-voxels", "0.5",
+            "--pipeline.model.density-map", "paper",
         ],
         shots / "ns-train.log", port,
     )  # fmt: skip
