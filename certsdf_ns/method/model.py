@@ -1,9 +1,11 @@
 """The certsdf model: how rays become pixels, and what training optimises.
 
 Sampling is explicit and cheap: the certified SDF lives on a voxel grid, so the density
-along a ray costs one trilinear lookup per sample. A uniform pass over the scene box gives
-coarse weights, nerfstudio's PDF sampler concentrates samples where those weights are, and
-the colour network runs only on samples whose rendering weight is not negligible.
+along a ray costs one trilinear lookup per sample. The certified sampler first marches each
+ray with steps the certificate proves safe to the band where density can matter
+(`certsdf_ns.certified.band_interval`); a uniform pass over that interval gives coarse weights,
+nerfstudio's PDF sampler concentrates samples where those weights are, and the colour network
+runs only on samples whose rendering weight is not negligible.
 """
 
 from __future__ import annotations
