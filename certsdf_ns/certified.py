@@ -192,7 +192,7 @@ class CertifiedSDFGrid(nn.Module):
         self.eps = float(eps)
         self.logits = nn.Parameter(torch.full(res, float(init_logit)))
         # Grids derived from the logits without autograd (node SDF, its gradient), each with the
-        # key (see _memo) they were computed at.
+        # key (see derived) they were computed at.
         self._derived: Dict[str, Tuple[object, Tensor]] = {}
         self._sigma = 0.0
         self.sigma = sigma
@@ -273,7 +273,7 @@ class CertifiedSDFGrid(nn.Module):
         if torch.is_grad_enabled() and self.logits.requires_grad:
             return certified_sdf_from_smoothed(self.smoothed_occupancy_grid(), self._sigma, self.eps)
         with torch.no_grad():
-            return self._memo(
+            return self.derived(
                 "sdf", lambda: certified_sdf_from_smoothed(self.smoothed_occupancy_grid(), self._sigma, self.eps)
             )
 
@@ -306,10 +306,14 @@ class CertifiedSDFGrid(nn.Module):
         t = torch.bmm(weights[1][:, None, :], t)[:, 0, :]
         return (t * weights[2]).sum(dim=-1).to(torch.float32)
 
-    def _memo(self, name: str, compute: Callable[[], Tensor]) -> Tensor:
-        """``compute()``, reused until the logits or σ change: the key changes whenever the node SDF
-        may (the optimizer's in-place steps bump the parameter's ``_version``)."""
-        key = (self.logits._version, self._sigma, self.logits.data_ptr())
+    def derived(self, name: str, compute: Callable[[], Tensor], extra_key: Tuple = ()) -> Tensor:
+        """``compute()``, reused until the logits or σ (or ``extra_key``) change: the key changes
+        whenever the node SDF may (the optimizer's in-place steps bump the parameter's ``_version``).
+
+        Keyed on the *parameter*, never on a derived tensor's address: a grid recomputed every
+        training step is freed and reallocated, often at the same address with version 0, so an
+        address key would hand back a previous step's result."""
+        key = (self.logits._version, self._sigma, self.logits.data_ptr(), *extra_key)
         if name not in self._derived or self._derived[name][0] != key:
             self._derived[name] = (key, compute())
         return self._derived[name][1]
@@ -319,7 +323,7 @@ class CertifiedSDFGrid(nn.Module):
         """Central-difference gradient of the node SDF (one-sided at the faces), for normals.
 
         Cached like :meth:`sdf_grid`: a rendered frame asks for normals once per ray chunk."""
-        return self._memo("sdf_gradient", lambda: node_gradient(self.sdf_grid(), self.voxel_size.tolist()))
+        return self.derived("sdf_gradient", lambda: node_gradient(self.sdf_grid(), self.voxel_size.tolist()))
 
     def normals(self, x: Float[Tensor, "N 3"]) -> Float[Tensor, "N 3"]:
         """Outward unit normals ∇sdf/|∇sdf| at world points."""

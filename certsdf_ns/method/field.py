@@ -89,7 +89,11 @@ class OneGatherHashEncoding(HashEncoding):
         vertices = torch.where(corner, torch.ceil(scaled)[..., None, :, :], lower[..., None, :, :])  # [..., 8, L, 3]
         rows = self.hash_fn(vertices.type(torch.int32))  # [..., 8, L]
         weights = torch.where(corner, offset[..., None, :, :], 1.0 - offset[..., None, :, :]).prod(-1, keepdim=True)
-        features = (self.hash_table[rows] * weights).sum(dim=-3)  # [..., L, F]
+        # index_select, not hash_table[rows]: the backward of N-d advanced indexing accumulates with
+        # threads in arbitrary order on CPU (a run is then not reproducible bit for bit, and resume
+        # not bit-exact); index_select's backward (index_add) is ordered, and as fast.
+        corners = torch.index_select(self.hash_table, 0, rows.reshape(-1)).reshape(*rows.shape, -1)
+        features = (corners * weights).sum(dim=-3)  # [..., L, F]
         return torch.flatten(features, start_dim=-2, end_dim=-1)
 
 

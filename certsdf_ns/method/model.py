@@ -336,15 +336,14 @@ class CertSDFModel(Model):
         return band_distance(field_.sharpness, cfg.band_opacity / (cfg.density_scale * diagonal))
 
     def band_bricks(self, sdf_nodes: Tensor, band: float) -> Tuple[Tensor, int]:
-        """The brick distance map of `certified.band_brick_distance` for this grid and band; reused
-        while neither changes (every frame of a paused viewer, every chunk of an eval image)."""
+        """The brick distance map of `certified.band_brick_distance` for the geometry's current node SDF
+        (``sdf_nodes``) and this band; reused while neither changes (every frame of a paused viewer,
+        every chunk of an eval image), recomputed after every optimizer step."""
         brick = max(1, min(self.config.trace_brick_voxels, min(sdf_nodes.shape) - 1))
-        key = (sdf_nodes.data_ptr(), sdf_nodes._version, band)
-        cached = getattr(self, "_bricks_memo", None)
-        if cached is None or cached[0] != key:
-            cached = (key, (band_brick_distance(sdf_nodes, band, brick), brick))
-            self._bricks_memo = cached
-        return cached[1]
+        distances = self.field.geometry.derived(
+            "band_bricks", lambda: band_brick_distance(sdf_nodes, band, brick), extra_key=(band, brick)
+        )
+        return distances, brick
 
     @torch.no_grad()
     def band_intervals(self, ray_bundle: RayBundle, sdf_nodes: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
