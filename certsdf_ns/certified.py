@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -171,6 +171,11 @@ class CertifiedSDFGrid(nn.Module):
         sigma: standard deviation of the smoothing noise, in world units.
         eps: p̂ is clamped to [eps, 1 - eps]; bounds |sdf| by sigma·Φ⁻¹(1 - eps).
         init_logit: initial occupancy logit (sigmoid(-3) ≈ 0.05, i.e. mostly empty).
+        support_sphere: ((cx, cy, cz), radius) in world units, or None. The base classifier is then
+            zero in every cell whose node lies outside that ball: f = occupancy · 1[node in ball].
+            This is still a voxel classifier, so the smoothing stays exact and the certificate
+            holds; it only says that nothing outside the region is the object (a real capture's
+            region of interest, whose outside a background model explains).
     """
 
     def __init__(
@@ -180,6 +185,7 @@ class CertifiedSDFGrid(nn.Module):
         sigma: float = 0.05,
         eps: float = 1e-5,
         init_logit: float = -3.0,
+        support_sphere: Optional[Tuple[Sequence[float], float]] = None,
     ) -> None:
         super().__init__()
         res = (resolution,) * 3 if isinstance(resolution, int) else tuple(int(r) for r in resolution)
@@ -191,6 +197,9 @@ class CertifiedSDFGrid(nn.Module):
         self.register_buffer("aabb", torch.as_tensor(aabb, dtype=torch.float32).reshape(2, 3).clone())
         self.eps = float(eps)
         self.logits = nn.Parameter(torch.full(res, float(init_logit)))
+        self.support_sphere = None if support_sphere is None else (tuple(float(c) for c in support_sphere[0]), float(support_sphere[1]))
+        # Not saved: it is a function of the constructor's arguments (and old checkpoints have none).
+        self.register_buffer("support", self._sphere_support(), persistent=False)
         # Grids derived from the logits without autograd (node SDF, its gradient), each with the
         # key (see derived) they were computed at.
         self._derived: Dict[str, Tuple[object, Tensor]] = {}
@@ -239,8 +248,17 @@ class CertifiedSDFGrid(nn.Module):
         axes = [torch.linspace(float(lo), float(hi), n) for lo, hi, n in zip(self.aabb[0], self.aabb[1], self.resolution)]
         return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).to(self.aabb.device)
 
+    def _sphere_support(self) -> Optional[Tensor]:
+        if self.support_sphere is None:
+            return None
+        centre, radius = self.support_sphere
+        inside = (self.grid_points() - torch.tensor(centre, device=self.aabb.device)).norm(dim=-1) <= radius
+        return inside.float()
+
     def occupancy(self) -> Float[Tensor, "X Y Z"]:
-        return torch.sigmoid(self.logits)
+        """The base classifier at the nodes: sigmoid(logits), zero outside the support."""
+        occ = torch.sigmoid(self.logits)
+        return occ if self.support is None else occ * self.support
 
     @torch.no_grad()
     def set_occupancy(self, occ: Float[Tensor, "X Y Z"]) -> None:

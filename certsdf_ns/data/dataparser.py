@@ -29,10 +29,12 @@ from nerfstudio.data.scene_box import SceneBox
 
 from certsdf_ns.console import log, warn
 from certsdf_ns.data.neus import NEUS_CAMERAS, NeuSDataParserConfig, validate_neus
+from certsdf_ns.data.region import Region, region_box, region_from_cameras, region_to_dataparser_frame
 from certsdf_ns.data.validation import (
     BACKGROUND_KEY,
     FOREGROUND_MASKS_KEY,
     REAL_CAPTURE_KEY,
+    REGION_KEY,
     SplitReport,
     background_for_rgb_images,
     check_colmap_masks,
@@ -143,9 +145,16 @@ class CertSDFDataParserConfig(DataParserConfig):
     eval_every: int = 8
     """NeuS/IDR and COLMAP: every N-th view (0, N, 2N, …) is held out for evaluation; 0 trains and evaluates
     on all views. Blender scenes use their split files; transforms.json its preset's split (nerfstudio's 90/10)."""
-    box_radius: Optional[float] = None
-    """Half edge of the scene box (the certified grid) in the dataparser's frame. None keeps the format's:
-    1 for NeuS/IDR (the unit sphere's box), 1.5 for Blender, 1 for nerfstudio and COLMAP (poses scaled into [-1, 1]³)."""
+    region: Optional[Tuple[float, float, float, float]] = None
+    """The object's region of interest, a ball CX CY CZ R in the scene's own frame (the poses of
+    transforms.json or COLMAP; DTU's millimetres for NeuS/IDR). The certified grid covers its box; on a
+    real capture everything outside it is the background model's. None: NeuS/IDR the unit sphere, other
+    real captures the ball the cameras look at (certsdf_ns/data/region.py), synthetic scenes (alpha, or
+    a plain background) the format's scene box with no region: [-1.5, 1.5]³ for Blender, [-1, 1]³ for
+    nerfstudio and COLMAP."""
+    use_masks: bool = True
+    """Use the scene's masks when it has them (NeuS/IDR mask/, transforms.json mask_path, COLMAP masks/);
+    False trains and evaluates on the images alone."""
     mask_role: Literal["auto", "object", "sampling"] = "auto"
     """What masks mean. 'object': white = object; they supervise the foreground's accumulation (batch key
     'certsdf_mask') and rays are sampled everywhere. 'sampling': nerfstudio's meaning, rays only where the
@@ -165,6 +174,7 @@ class CertSDFDataParser(DataParser):
         self._rgb_capture: Optional[Tuple[torch.Tensor, bool]] = None
         self._whole_scene_report: Optional[SplitReport] = None
         self.format: Optional[Format] = None
+        self._region: Optional[Region] = None
 
     def mask_role(self) -> Literal["object", "sampling"]:
         if self.config.mask_role != "auto":
@@ -186,9 +196,6 @@ class CertSDFDataParser(DataParser):
                 parser = NeuSDataParserConfig(data=data, eval_every=self.config.eval_every, **preset).setup()
             else:
                 parser = self._colmap_config(data, preset).setup()
-            if self.config.box_radius is not None:
-                r = float(self.config.box_radius)
-                box = [[-r, -r, -r], [r, r, r]]
             self._scene_box = None if box is None else SceneBox(aabb=torch.tensor(box, dtype=torch.float32))
             log(f"{data}: {fmt} format")
             self._delegate = parser
@@ -248,8 +255,47 @@ class CertSDFDataParser(DataParser):
             outputs.metadata[REAL_CAPTURE_KEY] = real
         else:
             outputs.metadata[REAL_CAPTURE_KEY] = False
+        if not self.config.use_masks:
+            outputs.mask_filenames = None
+            outputs.metadata.pop(FOREGROUND_MASKS_KEY, None)
         if outputs.mask_filenames is not None:
             outputs.metadata[FOREGROUND_MASKS_KEY] = self.mask_role() == "object"
         if self._scene_box is not None:
             outputs.scene_box = self._scene_box
+        region = self.region(outputs, split)
+        if region is not None:
+            centre, radius = region
+            outputs.scene_box = SceneBox(aabb=region_box(region))
+            outputs.metadata[REGION_KEY] = torch.cat([centre, torch.tensor([radius])])
         return outputs
+
+    def region(self, outputs: DataparserOutputs, split: str) -> Optional[Region]:
+        """The object's region in the dataparser's frame (None: the whole scene box, no background),
+        the same for every split: derived once, from the training cameras."""
+        if self._region is not None:
+            return self._region
+        real = bool(outputs.metadata.get(REAL_CAPTURE_KEY))
+        if self.config.region is not None:
+            if not self.config.region[3] > 0:
+                with exit_cleanly():
+                    raise CertSDFInputError(
+                        f"--pipeline.datamanager.dataparser.region: the radius must be positive, got {self.config.region[3]}."
+                    )
+            region = region_to_dataparser_frame(self.config.region, outputs.dataparser_transform, outputs.dataparser_scale)
+            why = "set by --pipeline.datamanager.dataparser.region"
+        elif self.format == "neus":
+            region, why = (torch.zeros(3), 1.0), "NeuS's unit sphere"
+        elif real:
+            train = outputs if split == "train" else self.delegate().get_dataparser_outputs("train")
+            region, why = region_from_cameras(train.cameras), "the ball the training cameras look at"
+        else:
+            return None
+        centre, radius = region
+        log(
+            f"region of interest: ball at ({', '.join(f'{c:.3f}' for c in centre.tolist())}), radius {radius:.3f} "
+            f"in the dataparser's frame ({why}); the certified grid covers its box"
+            + ("; outside it, a background model." if real else ".")
+            + " Change with --pipeline.datamanager.dataparser.region CX CY CZ R (the scene's own frame)."
+        )
+        self._region = region
+        return region

@@ -281,8 +281,10 @@ def render_view(
     size: int,
     fov_x: float = CAMERA_ANGLE_X,
     supersample: int = 2,
+    background: str = "none",
 ) -> np.ndarray:
-    """Render one RGBA uint8 image (straight, non-premultiplied alpha)."""
+    """Render one RGBA uint8 image (straight, non-premultiplied alpha); with ``background="room"`` an
+    opaque image of the object inside a textured room (RGB, alpha 255 everywhere)."""
     origin, dirs = pixel_rays(c2w, size, fov_x, supersample)
     # Only rays that meet the bounding sphere can hit: skip the rest of the background.
     radius = np.max(np.linalg.norm(mesh.vertices, axis=1))
@@ -297,7 +299,32 @@ def render_view(
         ok = faces >= 0
         hit[idx[ok]] = True
         rgb[idx[ok]] = shader.shade(origins[ok], dirs[idx[ok]], faces[ok])
+    if background == "room":
+        rgb[~hit] = room_colour(origin, dirs[~hit])
+        hit = np.ones_like(hit)
     return _resolve(rgb, hit, size, supersample)
+
+
+ROOM_HALF_SIZE = 6.0
+"""Half edge of the textured room around the object (`background="room"`): its walls lie beyond
+every camera (radius 4) and far outside the object's region, and move with parallax between views."""
+ROOM_CELL = 0.75
+ROOM_PALETTE = np.array([[0.95, 0.92, 0.85], [0.35, 0.30, 0.28], [0.55, 0.70, 0.80], [0.80, 0.55, 0.35]])
+
+
+def room_colour(origin: np.ndarray, dirs: np.ndarray) -> np.ndarray:
+    """Colour where rays from inside the room meet its walls: a checkerboard of ROOM_CELL squares
+    in two colours per wall (a real background: textured, not plain, and not infinitely far)."""
+    with np.errstate(divide="ignore"):
+        t_axes = (np.sign(dirs) * ROOM_HALF_SIZE - origin) / dirs  # distance to the wall ahead on each axis
+    t_axes[~np.isfinite(t_axes)] = np.inf
+    axis = np.argmin(t_axes, axis=1)
+    t = t_axes[np.arange(len(dirs)), axis]
+    points = origin + t[:, None] * dirs
+    cell = np.floor(points / ROOM_CELL).astype(np.int64).sum(axis=1) & 1
+    wall = 2 * axis + (dirs[np.arange(len(dirs)), axis] > 0)  # which of the six walls
+    colour = ROOM_PALETTE[(wall + 2 * cell) % len(ROOM_PALETTE)]
+    return colour * (0.8 + 0.04 * wall)[:, None]
 
 
 def _resolve(rgb: np.ndarray, hit: np.ndarray, size: int, ss: int) -> np.ndarray:
@@ -313,11 +340,14 @@ def _resolve(rgb: np.ndarray, hit: np.ndarray, size: int, ss: int) -> np.ndarray
 # --------------------------------------------------------------------------- writing
 
 
-def _write_split(out_dir: Path, split: str, poses: np.ndarray, render) -> None:
+def _write_split(out_dir: Path, split: str, poses: np.ndarray, render, opaque: bool = False) -> None:
+    """One split's images (RGBA, or RGB when ``opaque``) and its transforms file."""
     (out_dir / split).mkdir(parents=True, exist_ok=True)
     frames = []
     for i, c2w in enumerate(poses):
-        Image.fromarray(render(c2w), mode="RGBA").save(out_dir / split / f"r_{i}.png")
+        rgba = render(c2w)
+        image = Image.fromarray(rgba[..., :3], mode="RGB") if opaque else Image.fromarray(rgba, mode="RGBA")
+        image.save(out_dir / split / f"r_{i}.png")
         frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": c2w.tolist()})
     meta = {"camera_angle_x": CAMERA_ANGLE_X, "frames": frames}
     (out_dir / f"transforms_{split}.json").write_text(json.dumps(meta, indent=2))
@@ -331,12 +361,18 @@ def make_scene(
     n_val: int = 10,
     n_test: int = 10,
     seed: int = 0,
+    background: str = "none",
 ) -> Path:
     """Render ``mesh`` (default: ``procedural_demo_mesh()``) into a Blender-format scene.
 
     The mesh is (re-)normalised to the standard extent, which is a no-op for meshes
-    from ``load_and_normalise_mesh``/``procedural_demo_mesh``. Returns ``out_dir``.
+    from ``load_and_normalise_mesh``/``procedural_demo_mesh``. ``background``: "none" (RGBA,
+    transparent background, as NeRF-synthetic) or "room" (RGB photographs of the object inside a
+    textured room: a real capture with known geometry; ``gt_mesh.ply`` is the object alone).
+    Returns ``out_dir``.
     """
+    if background not in ("none", "room"):
+        raise ValueError(f"background must be 'none' or 'room', got {background!r}")
     if image_size < 1 or min(n_train, n_val, n_test) < 1:
         # nerfstudio reads the first image of a split for its size, so none may be empty.
         raise ValueError("image_size and the number of views of every split must be >= 1")
@@ -349,10 +385,10 @@ def make_scene(
     poses = split_poses({"train": n_train, "val": n_val, "test": n_test}, radius, seed)
 
     def render(c2w: np.ndarray) -> np.ndarray:
-        return render_view(mesh, shader, c2w, image_size)
+        return render_view(mesh, shader, c2w, image_size, background=background)
 
     for split in SPLITS:
-        _write_split(out_dir, split, poses[split], render)
+        _write_split(out_dir, split, poses[split], render, opaque=background == "room")
     mesh.export(out_dir / "gt_mesh.ply")
     meta = {
         **mesh.metadata["certsdf_normalisation"],
@@ -361,6 +397,7 @@ def make_scene(
         "camera_angle_x": CAMERA_ANGLE_X,
         "n_images": {split: len(poses[split]) for split in SPLITS},
         "seed": seed,
+        "background": background,
     }
     (out_dir / "scene_meta.json").write_text(json.dumps(meta, indent=2))
     return out_dir
@@ -381,6 +418,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-val", type=int, default=10)
     p.add_argument("--n-test", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--background", choices=("none", "room"), default="none",
+                   help="none: RGBA on a transparent background; room: RGB photos inside a textured room")
     return p
 
 
@@ -392,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         check_writable_dir(args.out_dir, "out_dir")  # before rendering
         mesh = load_and_normalise_mesh(args.mesh) if args.mesh is not None else None
         out = make_scene(
-            args.out_dir, mesh, args.image_size, args.n_train, args.n_val, args.n_test, args.seed
+            args.out_dir, mesh, args.image_size, args.n_train, args.n_val, args.n_test, args.seed, args.background
         )
     except (ValueError, OSError) as exc:
         print(f"certsdf-make-scene: error: {exc}", file=sys.stderr)

@@ -23,7 +23,7 @@ from jaxtyping import Float
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from certsdf_ns.console import warn
+from certsdf_ns.console import log, warn
 from certsdf_ns.errors import CertSDFInputError
 
 # |RᵀR − I| allowed in a camera rotation. JSON files written with 6+ significant digits
@@ -64,6 +64,10 @@ FOREGROUND_MASKS_KEY = "certsdf_foreground_masks"
 """Dataparser metadata key: True when `mask_filenames` are object masks (white = object) that supervise
 the foreground's accumulation, to be delivered as `MASK_BATCH_KEY` with rays sampled everywhere,
 rather than nerfstudio's sampling masks (rays only where the mask is set)."""
+REGION_KEY = "certsdf_region"
+"""Dataparser metadata key: the object's region of interest, [cx, cy, cz, r] (a ball, dataparser frame).
+Present on real captures (and when the user sets one); the model confines the certified grid to it and
+hands everything outside to its background model."""
 MASK_BATCH_KEY = "certsdf_mask"
 """Batch key of the object mask in [0, 1] (per ray in training, [H, W, 1] in evaluation)."""
 
@@ -363,12 +367,11 @@ def background_for_rgb_images(report: SplitReport, real_capture: bool = False) -
     rgb = ", ".join(f"{c:.2f}" for c in colour.tolist())
     real = real_capture or uniform < BACKGROUND_UNIFORM_FRACTION
     if real:
-        warn(
+        log(
             f"{report.transforms}: real capture (images without alpha; {uniform:.0%} of the border pixels are "
-            f"near their median colour). Recorded as metadata '{REAL_CAPTURE_KEY}'. Until a background model "
-            f"models what lies outside the scene box, training and evaluation composite the constant background "
-            f"({rgb}) estimated from the image borders, and the rest of the background will partly be modelled as "
-            "geometry; object masks (a mask/ folder, or mask_path in transforms.json) supervise the silhouette."
+            f"near their median colour). The certified grid covers the object's region "
+            f"and a background model renders what lies outside it; object masks (a mask/ folder, or mask_path in "
+            "transforms.json) supervise the object's silhouette."
         )
     else:
         warn(

@@ -144,17 +144,29 @@ class CertSDFField(Field):
         config: the field's settings (the model passes its own config, which extends them).
         sigma_voxels / sharpness_voxels: the smoothing σ and the density sharpness s to start with,
             in voxels; the model's schedule moves them through :meth:`set_smoothing_voxels`.
+        region: (centre, radius) of the object's region on a real capture: the occupancy is zero
+            outside that ball (`CertifiedSDFGrid`'s support), so nothing outside it is the object.
     """
 
     def __init__(
-        self, aabb: Float[Tensor, "2 3"], config: CertSDFFieldConfig, sigma_voxels: float, sharpness_voxels: float
+        self,
+        aabb: Float[Tensor, "2 3"],
+        config: CertSDFFieldConfig,
+        sigma_voxels: float,
+        sharpness_voxels: float,
+        region: Optional[Tuple[Float[Tensor, "3"], float]] = None,
     ) -> None:
         super().__init__()
         self.register_buffer("aabb", aabb.clone().float())
         self.voxel = float(((self.aabb[1] - self.aabb[0]) / (config.grid_resolution - 1)).min())
         """Edge of a grid cell (world units): the unit of σ and s at every boundary (config, viewer, logs)."""
         self.geometry = CertifiedSDFGrid(
-            config.grid_resolution, aabb, sigma=sigma_voxels * self.voxel, eps=config.eps, init_logit=config.init_logit
+            config.grid_resolution,
+            aabb,
+            sigma=sigma_voxels * self.voxel,
+            eps=config.eps,
+            init_logit=config.init_logit,
+            support_sphere=None if region is None else (region[0].tolist(), float(region[1])),
         )
         self.sharpness = sharpness_voxels * self.voxel
         self.density_scale = float(config.density_scale)

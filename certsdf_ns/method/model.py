@@ -25,9 +25,9 @@ from torchmetrics.image import PeakSignalNoiseRatio
 
 from nerfstudio.cameras.rays import RayBundle, RaySamples
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
-from nerfstudio.model_components.ray_samplers import PDFSampler, UniformSampler
+from nerfstudio.model_components.ray_samplers import LinearDisparitySampler, PDFSampler, UniformSampler
 from nerfstudio.model_components.renderers import AccumulationRenderer, DepthRenderer, NormalsRenderer, RGBRenderer
-from nerfstudio.model_components.scene_colliders import AABBBoxCollider
+from nerfstudio.model_components.scene_colliders import AABBBoxCollider, SphereCollider
 from nerfstudio.models.base_model import Model, ModelConfig
 from nerfstudio.utils import colormaps
 from nerfstudio.utils.colors import get_color
@@ -42,8 +42,9 @@ from certsdf_ns.certified import (
     unbiased_alphas,
 )
 from certsdf_ns.console import log
-from certsdf_ns.data.validation import BACKGROUND_KEY, MASK_BATCH_KEY
+from certsdf_ns.data.validation import BACKGROUND_KEY, MASK_BATCH_KEY, REAL_CAPTURE_KEY, REGION_KEY
 from certsdf_ns.errors import CertSDFInputError, exit_cleanly
+from certsdf_ns.method.background import background_start, build_background_field
 from certsdf_ns.method.checkpoint_fit import fit_message, fit_problems
 from certsdf_ns.method.field import CertSDFField, CertSDFFieldConfig
 from certsdf_ns.method.sdf_outputs import ray_sdf_outputs
@@ -173,6 +174,20 @@ class CertSDFModelConfig(ModelConfig, CertSDFFieldConfig):
     a only through its colour error, ~a², whose gradient vanishes as a → 0: on lego a ~5% haze
     over most of the background survives 10 minutes of training. The BCE's gradient does not."""
 
+    background_model: Literal["auto", "none", "grid", "nerfacto"] = "auto"
+    """What renders the world outside the object's region (certsdf_ns/method/background.py). 'auto': none
+    on synthetic scenes (alpha or a plain background: the object is alone), and on real captures
+    'nerfacto' (nerfstudio's NerfactoField, NeuS-facto's background) with tinycudann, else 'grid' (a dense
+    feature volume on the contracted space, ~10x cheaper on CPU). 'none': the fixed background colour."""
+    num_background_samples: int = 16
+    """Background samples per ray, linear in disparity from the region's exit to the far plane."""
+    background_far_radii: float = 1000.0
+    """Far plane of the background, in region radii from the ray's start."""
+    background_grid_resolution: int = 96
+    """background-model grid: nodes per axis of the feature volume over the contracted space."""
+    background_grid_features: int = 8
+    """background-model grid: colour feature channels (plus one for density)."""
+
     @property
     def sdf_field(self) -> bool:
         """Not a setting: `ns-export marching-cubes` only checks that this attribute exists. It
@@ -191,11 +206,14 @@ class CertSDFModel(Model):
         self._step: Optional[int] = None  # None: no schedule ran yet (a model built outside training)
         self._smoothing_override: Tuple[Optional[float], Optional[float]] = (None, None)  # voxels
         self._budget_hook: Optional[Callable[[SampleBudget], SampleBudget]] = None
+        metadata = self.kwargs.get("metadata", {})
+        self.region = self._region(metadata)
         self.field = CertSDFField(
-            self.scene_box.aabb.float(), cfg, cfg.sigma_start_voxels, cfg.sharpness_start_voxels
+            self.scene_box.aabb.float(), cfg, cfg.sigma_start_voxels, cfg.sharpness_start_voxels, region=self.region
         )
         cfg.backend = self.field.backend  # record what was built in the saved config
         self.box_collider = AABBBoxCollider(self.scene_box)
+        self.region_collider = None if self.region is None else SphereCollider(*self.region)
         self.uniform_sampler = UniformSampler(num_samples=cfg.num_coarse_samples)
         self.pdf_sampler = PDFSampler(num_samples=cfg.num_fine_samples, include_original=cfg.include_coarse_samples)
         self.renderer_rgb = RGBRenderer(background_color=cfg.background_color)
@@ -203,8 +221,23 @@ class CertSDFModel(Model):
         self.renderer_depth = DepthRenderer(method="expected")
         self.renderer_normals = NormalsRenderer()
         self.eval_background = get_color(cfg.eval_background_color)
-        fixed_background = self.kwargs.get("metadata", {}).get(BACKGROUND_KEY)
-        if fixed_background is not None:
+        fixed_background = metadata.get(BACKGROUND_KEY)
+        self.background_field: Optional[torch.nn.Module] = None
+        kind = self._background_kind(metadata)
+        cfg.background_model = kind  # what was built, in the saved config (as the backend)
+        if kind != "none":
+            assert self.region is not None
+            self.background_field = build_background_field(
+                kind, *self.region, self.num_train_data, cfg.background_grid_resolution,
+                cfg.background_grid_features, cfg.hidden_dim_colour, self.field.backend,
+            )  # fmt: skip
+            self.background_sampler = LinearDisparitySampler(num_samples=cfg.num_background_samples)
+            # The foreground is composited on black and the background behind it (get_outputs).
+            black = torch.zeros(3)
+            self.renderer_rgb = RGBRenderer(background_color=black)
+            self.renderer_background = RGBRenderer(background_color=black)
+            self.eval_background = black
+        elif fixed_background is not None:
             # Images without alpha: random backgrounds would make the model paint the images'
             # background into geometry; train and evaluate on that background instead.
             self.renderer_rgb = RGBRenderer(background_color=fixed_background.float())
@@ -214,6 +247,25 @@ class CertSDFModel(Model):
         self.ssim = structural_similarity_index_measure
         self._lpips: Optional[torch.nn.Module] = None
         self._lpips_checked = False
+
+    def _region(self, metadata: Dict) -> Optional[Tuple[Tensor, float]]:
+        """(centre, radius) of the object's region: the dataparser's (real captures), else the ball
+        inscribed in the scene box when a background model is asked for, else None (the whole box)."""
+        region = metadata.get(REGION_KEY)
+        if region is not None:
+            return region[:3].float().clone(), float(region[3])
+        if self.config.background_model in ("grid", "nerfacto"):
+            aabb = self.scene_box.aabb.float()
+            return aabb.mean(0), float((aabb[1] - aabb[0]).min()) / 2.0
+        return None
+
+    def _background_kind(self, metadata: Dict) -> Literal["none", "grid", "nerfacto"]:
+        kind = self.config.background_model
+        if kind != "auto":
+            return kind
+        if self.region is None or not metadata.get(REAL_CAPTURE_KEY):
+            return "none"
+        return "nerfacto" if self.field.backend == "tcnn" else "grid"
 
     @property
     def voxel(self) -> float:
@@ -291,6 +343,8 @@ class CertSDFModel(Model):
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
         geometry = [self.field.geometry.logits]
         colour = [p for n, p in self.field.named_parameters() if not n.startswith("geometry.")]
+        if self.background_field is not None:
+            colour += list(self.background_field.parameters())
         return {"geometry": geometry, "fields": colour}
 
     # -- samples per ray ----------------------------------------------------------------------
@@ -306,7 +360,10 @@ class CertSDFModel(Model):
 
     # -- rendering ---------------------------------------------------------------------
     def forward(self, ray_bundle):  # type: ignore[override]
-        return self.get_outputs(self.box_collider(ray_bundle))
+        ray_bundle = self.box_collider(ray_bundle)
+        if self.region_collider is not None:
+            ray_bundle = self.region_collider(ray_bundle)  # the region's ball lies inside the box
+        return self.get_outputs(ray_bundle)
 
     def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
         sdf_grid = self.field.geometry.sdf_grid()  # once per batch; differentiable while training
@@ -315,12 +372,35 @@ class CertSDFModel(Model):
             outputs = self.render_rays(ray_bundle, sdf_grid, budget)
         else:
             outputs = self.render_band(ray_bundle, sdf_grid, budget)
+        if self.background_field is not None:
+            background = self.render_background(ray_bundle)
+            outputs["rgb_foreground"], outputs["rgb_background"] = outputs["rgb"], background
+            outputs["rgb"] = outputs["rgb"] + (1.0 - outputs["accumulation"]) * background
         if not self.training and self._random_background():
             # Outside training, composite the evaluation background (the "random" renderer returns black).
             outputs["rgb"] = outputs["rgb"] + self.eval_background.to(outputs["rgb"]) * (1.0 - outputs["accumulation"])
         if self.training:
             outputs["fill_loss"] = outputs.pop("fill_sum") / outputs.pop("fill_count").clamp_min(1.0)
         return outputs
+
+    # -- the background (real captures) -----------------------------------------------
+    def render_background(self, ray_bundle: RayBundle) -> Float[Tensor, "N 3"]:
+        """Colour of what each ray meets beyond the object's region (on black where nothing is)."""
+        assert self.background_field is not None and self.region is not None
+        centre, radius = self.region
+        region_hits = (ray_bundle.fars > ray_bundle.nears + 1e-6)[:, 0]
+        start = background_start(
+            ray_bundle.origins, ray_bundle.directions, ray_bundle.fars, region_hits, centre.to(ray_bundle.origins), 1e-3 * radius
+        )
+        far = torch.maximum(torch.full_like(start, self.config.background_far_radii * radius), start + radius)
+        outside = RayBundle(
+            origins=ray_bundle.origins, directions=ray_bundle.directions, pixel_area=ray_bundle.pixel_area,
+            camera_indices=ray_bundle.camera_indices, nears=start, fars=far,
+        )  # fmt: skip
+        samples = self.background_sampler(outside)
+        density, rgb = self.background_field(samples)
+        weights = samples.get_weights(density)
+        return self.renderer_background(rgb=rgb, weights=weights)
 
     # -- the certified sampler ---------------------------------------------------------
     def band(self) -> float:
@@ -370,25 +450,29 @@ class CertSDFModel(Model):
         background (in training they get `miss_samples` uniform samples instead)."""
         t_in, t_out, lowest, trace_lookups = self.band_intervals(ray_bundle, sdf_grid.detach())
         reaches = t_in < t_out
-        hit_idx, miss_idx = torch.nonzero(reaches)[:, 0], torch.nonzero(~reaches)[:, 0]
+        # Training gives rays that miss the band a few samples anyway (`miss_samples`), but not rays
+        # outside the object's region altogether: nothing there can become the object.
+        in_region = (ray_bundle.fars > ray_bundle.nears + 1e-6)[:, 0]
+        retry = ~reaches & in_region if self.training else torch.zeros_like(reaches)
+        hit_idx, retry_idx = torch.nonzero(reaches)[:, 0], torch.nonzero(retry)[:, 0]
+        miss_idx = torch.nonzero(~reaches & ~retry)[:, 0]
         groups: List[Tuple[Tensor, Dict[str, Tensor]]] = []
         if hit_idx.numel():
             inside = ray_bundle[hit_idx]
             inside.nears, inside.fars = t_in[hit_idx, None], t_out[hit_idx, None]
             groups.append((hit_idx, self.render_rays(inside, sdf_grid, budget)))
+        if retry_idx.numel():
+            groups.append((retry_idx, self.render_rays(ray_bundle[retry_idx], sdf_grid, budget, coarse_only=self.config.miss_samples)))
         if miss_idx.numel():
-            missed = ray_bundle[miss_idx]
-            if self.training:
-                groups.append((miss_idx, self.render_rays(missed, sdf_grid, budget, coarse_only=self.config.miss_samples)))
-            else:
-                groups.append((miss_idx, self.background_outputs(missed, lowest[miss_idx])))
+            groups.append((miss_idx, self.background_outputs(ray_bundle[miss_idx], lowest[miss_idx])))
         n = len(ray_bundle)
         outputs: Dict[str, Tensor] = {}
         for key in groups[0][1]:
-            parts = [(idx, out[key]) for idx, out in groups]
-            if parts[0][1].dim() == 0:  # batch sums (the fill prior)
+            parts = [(idx, out[key]) for idx, out in groups if key in out]
+            if parts[0][1].dim() == 0:  # batch sums (the fill prior), from the groups that sampled
                 outputs[key] = sum(p for _, p in parts)
                 continue
+            assert len(parts) == len(groups), f"output {key!r} missing from a ray group"
             merged = parts[0][1].new_zeros(n, *parts[0][1].shape[1:])
             for idx, value in parts:
                 merged = merged.index_put((idx,), value)
@@ -404,6 +488,8 @@ class CertSDFModel(Model):
         zeros = torch.zeros(n, 1, device=device)
         rgb = self.renderer_rgb(rgb=torch.zeros(n, 1, 3, device=device), weights=torch.zeros(n, 1, 1, device=device))
         outputs = {"rgb": rgb, "accumulation": zeros, "depth": ray_bundle.fars.clone()}
+        if self.training:
+            return outputs
         outputs["normals"] = torch.full((n, 3), 0.5, device=device)
         outputs["sdf"] = zeros.clone()
         outputs["num_colour_samples"] = zeros.clone()
@@ -454,7 +540,7 @@ class CertSDFModel(Model):
             # The prior needs no dense coverage: a subset of the (randomly drawn) rays is enough
             # and keeps the grid_sample backward, the costliest op on CPU, small.
             n = max(1, int(positions.shape[0] * self.config.fill_ray_fraction))
-            occupancy = sample_grid(torch.sigmoid(field_.geometry.logits), positions[:n].reshape(-1, 3), field_.aabb)
+            occupancy = sample_grid(field_.geometry.occupancy(), positions[:n].reshape(-1, 3), field_.aabb)
             behind = (1.0 - transmittance[:n, :-1, 0]).detach().reshape(-1)  # T before each sample
             bce = F.binary_cross_entropy(occupancy.clamp(1e-6, 1 - 1e-6), behind.clamp(0.0, 1.0), reduction="sum")
             outputs["fill_sum"], outputs["fill_count"] = bce, torch.tensor(float(behind.numel()), device=bce.device)
@@ -541,7 +627,7 @@ class CertSDFModel(Model):
         loss = {"rgb_loss": F.mse_loss(pred_rgb, gt_rgb)}
         if self.training:
             cfg = self.config
-            occ = torch.sigmoid(self.field.geometry.logits)
+            occ = self.field.geometry.occupancy()
             loss["fill_loss"] = cfg.fill_loss_mult * outputs["fill_loss"]
             if cfg.binary_loss_mult > 0:
                 loss["binary_loss"] = cfg.binary_loss_mult * (occ * (1.0 - occ)).mean()
@@ -563,8 +649,10 @@ class CertSDFModel(Model):
         turned every partly transparent pixel white (e.g. all of ns-export's mesh textures, whose
         rays are only two mesh edges long). Undo that composite first.
         """
+        if output_name == "rgb" and "rgb_foreground" in outputs:
+            output_name = "rgb_foreground"  # the object alone, on black (real captures)
         rgb = outputs[output_name]
-        accumulation = outputs[output_name.replace("rgb", "accumulation")]
+        accumulation = outputs[output_name.replace("rgb_foreground", "rgb").replace("rgb", "accumulation")]
         if not self.training:
             rgb = rgb - self.eval_background.to(rgb) * (1.0 - accumulation)
         colour = (rgb / accumulation.clamp_min(1e-6)).clamp(0.0, 1.0)
