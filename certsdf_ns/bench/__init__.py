@@ -11,5 +11,6 @@ measured alike. Modules:
 - `evaluate`: test-split PSNR/SSIM; `meshes`: meshes and Chamfer/F-score; `certify`: the
   certified-bound check;
 - `trial`: train + evaluate one method on one scene; `suites`: speed, quality, sigma;
+  `real`: certsdf vs nerfacto on real captures (DTU, fruit, cup: held-out views, mesh silhouettes);
   `results`: JSON/CSV/plots and the machine description; `cli`: the console script.
 """

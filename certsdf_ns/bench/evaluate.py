@@ -14,6 +14,10 @@ benchmark does not use them. Here, for every method:
   training images, so every method sees the same cameras and ground truth whatever its own
   dataparser is;
 - PSNR and SSIM (torchmetrics, data range 1) are averaged over the N views.
+
+Real captures (`certsdf-bench real`) have no Blender test split: :func:`heldout_views` takes the
+held-out dataparser outputs of the scene (the same cameras and images for every method, which the
+suite checks), and :func:`heldout_metrics` adds PSNR inside the object mask and per-view numbers.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -83,6 +87,108 @@ def render_metrics(pipeline, cameras, images: Sequence[torch.Tensor], step: int)
         ssims.append(float(structural_similarity_index_measure(p, g, data_range=1.0)))
     n = len(images)
     return ImageMetrics(step, sum(psnrs) / n, sum(ssims) / n, n, time.perf_counter() - t0)
+
+
+@dataclass
+class HeldOutViews:
+    """Held-out views of a real capture at the evaluation resolution: what every method is scored on."""
+
+    labels: List[str]
+    """One name per view (DTU: the view number; otherwise the image's file stem)."""
+    files: List[Path]
+    """The ground-truth image files (resolved)."""
+    cameras: object
+    """nerfstudio Cameras, rescaled like the images."""
+    images: List[torch.Tensor]
+    """[H, W, 3] RGB in [0, 1] (alpha, if any, dropped)."""
+    masks: Optional[List[torch.Tensor]] = None
+    """[H, W] bool object masks (grey level > 0.5), or None."""
+
+
+def heldout_views(outputs, scale_factor: float, labels: Sequence[str], mask_files: Optional[Sequence[Path]] = None) -> HeldOutViews:
+    """Cameras and images of a dataparser's held-out outputs, rescaled as the datamanagers do
+    (nerfstudio's InputDataset); masks read and resized like certsdf's object masks."""
+    from nerfstudio.data.datasets.base_dataset import InputDataset
+
+    from certsdf_ns.data.datamanager import load_object_mask
+
+    dataset = InputDataset(outputs, scale_factor=scale_factor)
+    images = [dataset.get_image_float32(i)[..., :3] for i in range(len(dataset))]
+    masks = None
+    if mask_files is not None:
+        masks = [load_object_mask(p, scale_factor)[..., 0] > 0.5 for p in mask_files]
+        for m, im, p in zip(masks, images, mask_files):
+            if m.shape != im.shape[:2]:
+                raise ValueError(f"mask {p} is {tuple(m.shape)} at the evaluation scale but its image is {tuple(im.shape[:2])}")
+    files = [Path(f).resolve() for f in outputs.image_filenames]
+    return HeldOutViews(list(labels), files, dataset.cameras, images, masks)
+
+
+def psnr(pred: torch.Tensor, gt: torch.Tensor, mask: Optional[torch.Tensor] = None) -> float:
+    """PSNR (data range 1) of [H, W, 3] images, over the pixels where the [H, W] mask is set (all without one)."""
+    err = (pred - gt) ** 2
+    if mask is not None:
+        if not bool(mask.any()):
+            return float("nan")
+        err = err[mask]
+    return float(-10.0 * torch.log10(err.mean().clamp_min(1e-12)))
+
+
+@dataclass
+class ViewMetrics:
+    view: str
+    psnr: float
+    psnr_masked: float
+    """PSNR inside the object mask (NaN without masks)."""
+    ssim: float
+    render_s: float
+
+
+@dataclass
+class HeldOutMetrics:
+    """Mean metrics over the held-out views, and each view's."""
+
+    step: int
+    psnr: float
+    psnr_masked: float
+    ssim: float
+    n_views: int
+    render_s: float
+    """Time to render all views."""
+    render_s_per_view: float
+    views: List[ViewMetrics]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def heldout_metrics(pipeline, views: HeldOutViews, step: int) -> HeldOutMetrics:
+    """Render every view through the method's own `model.get_outputs_for_camera` and compare its
+    `rgb` with the ground truth: PSNR over the whole image, PSNR inside the mask, SSIM (torchmetrics,
+    data range 1). The same function for every method."""
+    from torchmetrics.functional import structural_similarity_index_measure
+
+    model = pipeline.model
+    model.eval()
+    per_view = []
+    for i, (label, gt) in enumerate(zip(views.labels, views.images)):
+        camera = views.cameras[i : i + 1].to(pipeline.device)
+        t0 = time.perf_counter()
+        pred = model.get_outputs_for_camera(camera)["rgb"].clamp(0.0, 1.0).cpu()
+        seconds = time.perf_counter() - t0
+        if pred.shape != gt.shape:
+            raise ValueError(f"view {label}: the render is {tuple(pred.shape)} but the ground truth {tuple(gt.shape)}")
+        mask = views.masks[i] if views.masks is not None else None
+        ssim = float(structural_similarity_index_measure(pred.permute(2, 0, 1)[None], gt.permute(2, 0, 1)[None], data_range=1.0))
+        per_view.append(ViewMetrics(label, psnr(pred, gt), psnr(pred, gt, mask) if mask is not None else float("nan"), ssim, seconds))
+    n = len(per_view)
+    total = sum(v.render_s for v in per_view)
+
+    def mean(key: str) -> float:
+        return sum(getattr(v, key) for v in per_view) / n
+
+    return HeldOutMetrics(step, mean("psnr"), mean("psnr_masked"), mean("ssim"), n, total, total / n, per_view)
 
 
 def iter_checkpoints(config_path: Path, checkpoints: Sequence[Tuple[int, Path]]) -> Iterator[Tuple[int, object]]:

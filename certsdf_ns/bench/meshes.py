@@ -8,6 +8,10 @@
   per view. The time each export took is recorded; a timeout is a result, not a crash.
 
 Blender scenes have no dataparser transform, so every mesh is in the frame of `gt_mesh.ply`.
+
+Real captures have no ground-truth mesh: :func:`silhouette_scores` ray-casts a mesh from each
+held-out camera and compares the pixels it covers with the object mask (IoU and coverage), and
+:func:`mesh_picture` renders it, grey, beside the photograph.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -95,8 +99,12 @@ class PeerExportOptions:
     """Points rendered for Poisson reconstruction (nerfstudio's default 1e6 takes far longer on CPU)."""
 
 
-def peer_export_args(kind: str, config: Path, out_dir: Path, step: int, opts: PeerExportOptions) -> List[str]:
+def peer_export_args(kind: str, config: Path, out_dir: Path, step: int, opts: PeerExportOptions,
+                     box: Optional[Sequence[Sequence[float]]] = None) -> List[str]:  # fmt: skip
+    """ns-export arguments; `box` ([min xyz, max xyz]) replaces the symmetric [-bbox, bbox]³ of `opts`."""
     lo, hi = [str(-opts.bbox)] * 3, [str(opts.bbox)] * 3
+    if box is not None:
+        lo, hi = [f"{float(v):.6g}" for v in box[0]], [f"{float(v):.6g}" for v in box[1]]
     common = ["--load-config", str(config), "--output-dir", str(out_dir),
               "--bounding-box-min", *lo, "--bounding-box-max", *hi]  # fmt: skip
     if kind == "tsdf":
@@ -111,11 +119,11 @@ def peer_export_args(kind: str, config: Path, out_dir: Path, step: int, opts: Pe
 
 
 def peer_mesh(method: str, kind: str, config: Path, step: int, train_time_s: float, out_dir: Path,
-              opts: PeerExportOptions) -> tuple:  # fmt: skip
-    """Run one ns-export; returns (MeshResult, mesh or None)."""
+              opts: PeerExportOptions, box: Optional[Sequence[Sequence[float]]] = None) -> tuple:  # fmt: skip
+    """Run one ns-export (in `box`, see :func:`peer_export_args`); returns (MeshResult, mesh or None)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     result = MeshResult(f"{method}-{kind}", step, train_time_s)
-    cmd = peer_export_args(kind, config, out_dir, step, opts)
+    cmd = peer_export_args(kind, config, out_dir, step, opts, box)
     log_path = out_dir / f"{kind}.log"
     t0 = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
@@ -141,6 +149,82 @@ def peer_mesh(method: str, kind: str, config: Path, step: int, train_time_s: flo
     result.path = str(mesh_path)
     mesh = trimesh.load(str(mesh_path), force="mesh")
     return result, mesh if isinstance(mesh, trimesh.Trimesh) else trimesh.Trimesh()
+
+
+# --------------------------------------------------------------------------- silhouettes (real captures)
+
+
+@dataclass
+class MeshView:
+    """A mesh ray-cast from one camera: which pixels' rays hit it, and their Lambertian shade."""
+
+    hit: np.ndarray
+    """[H, W] bool."""
+    shade: np.ndarray
+    """[H, W] in [0, 1]: |n · d| of the first face hit (headlight at the camera), 0 where missed."""
+
+
+def cast_mesh(mesh: trimesh.Trimesh, camera) -> MeshView:
+    """Cast one ray per pixel of a one-camera nerfstudio `Cameras` (its own ray generation,
+    distortion included) at the mesh, with trimesh's ray intersector (Embree when embreex is
+    installed). The mesh must be in the camera's frame (the dataparser's)."""
+    bundle = camera.generate_rays(camera_indices=0, keep_shape=True)
+    origins = bundle.origins.detach().cpu().double().numpy()
+    directions = bundle.directions.detach().cpu().double().numpy()
+    height, width = origins.shape[:2]
+    hit = np.zeros((height, width), dtype=bool)
+    shade = np.zeros((height, width), dtype=np.float64)
+    if len(mesh.faces) == 0:
+        return MeshView(hit, shade)
+    faces = mesh.ray.intersects_first(origins.reshape(-1, 3), directions.reshape(-1, 3))
+    flat_hit = faces >= 0
+    normals = mesh.face_normals[faces[flat_hit]]
+    cosine = np.abs(np.einsum("ij,ij->i", normals, directions.reshape(-1, 3)[flat_hit]))
+    hit.reshape(-1)[flat_hit] = True
+    shade.reshape(-1)[flat_hit] = np.clip(cosine, 0.0, 1.0)
+    return MeshView(hit, shade)
+
+
+def silhouette_iou_coverage(hit: np.ndarray, mask: np.ndarray) -> tuple:
+    """(|hit ∧ M| / |hit ∨ M|, |hit ∧ M| / |M|) of a mesh's hit mask and an object mask M."""
+    hit, mask = np.asarray(hit, dtype=bool), np.asarray(mask, dtype=bool)
+    inter = float(np.logical_and(hit, mask).sum())
+    union = float(np.logical_or(hit, mask).sum())
+    area = float(mask.sum())
+    return (inter / union if union > 0 else float("nan")), (inter / area if area > 0 else float("nan"))
+
+
+def silhouette_scores(mesh: trimesh.Trimesh, cameras, masks: Sequence, labels: Sequence[str]) -> dict:
+    """Silhouette IoU and coverage of the mesh against each view's object mask, and their means."""
+    per_view = []
+    for i, (mask, label) in enumerate(zip(masks, labels)):
+        view = cast_mesh(mesh, cameras[i : i + 1])
+        m = mask.cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
+        if view.hit.shape != m.shape:
+            raise ValueError(f"view {label}: the camera is {view.hit.shape} pixels but the mask {m.shape}")
+        iou, coverage = silhouette_iou_coverage(view.hit, m)
+        per_view.append({"view": label, "iou": iou, "coverage": coverage, "hit_fraction": float(view.hit.mean())})
+    n = max(len(per_view), 1)
+    return {"iou": sum(v["iou"] for v in per_view) / n, "coverage": sum(v["coverage"] for v in per_view) / n,
+            "per_view": per_view}  # fmt: skip
+
+
+def mesh_picture(path: Path, mesh: trimesh.Trimesh, camera, image) -> Path:
+    """PNG: the mesh seen from `camera` (grey, Lambertian shading of the hit normals, white
+    background) next to the ground-truth image from the same camera."""
+    from PIL import Image
+
+    view = cast_mesh(mesh, camera)
+    grey = np.where(view.hit, 0.15 + 0.8 * view.shade, 1.0)
+    left = np.repeat(grey[..., None], 3, axis=-1)
+    right = image.cpu().numpy() if torch.is_tensor(image) else np.asarray(image, dtype=np.float64)
+    if right.shape[:2] != left.shape[:2]:
+        raise ValueError(f"the image is {right.shape[:2]} but the camera {left.shape[:2]}")
+    gap = np.ones((left.shape[0], 4, 3))
+    picture = np.concatenate([left, gap, right[..., :3]], axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(np.clip(picture, 0.0, 1.0) * 255).astype(np.uint8)).save(path)
+    return path
 
 
 def log_spaced_subset(items: Sequence, n: int) -> List:

@@ -1,4 +1,5 @@
-"""How each benchmarked method is trained: its own `ns-train` command line on a Blender scene.
+"""How each benchmarked method is trained: its own `ns-train` command line on a Blender scene
+(or, for `certsdf-bench real`, on a real capture: :class:`NerfactoRealSpec`, :func:`real_methods`).
 
 All methods get the same data (the scene's train split at the same image resolution, via
 `camera-res-scale-factor`), the same number of rays per batch, the CPU device and fp32 when
@@ -131,6 +132,28 @@ class NerfactoSpec(MethodSpec):
 
 
 @dataclass
+class NerfactoRealSpec(NerfactoSpec):
+    """nerfacto on a real capture (`certsdf-bench real`): nerfstudio's defaults for unbounded real
+    scenes (scene contraction, near 0.05 / far 1000, proposal sampler, appearance embedding,
+    'last_sample' background, distortion loss), except the camera optimiser, which is off so that
+    both methods keep the same poses. Without tinycudann, the torch implementation. The dataparser
+    subcommand and its options are the scene's (see :mod:`certsdf_ns.bench.real`)."""
+
+    dataparser: List[str] = field(default_factory=lambda: ["nerfstudio-data"])
+    """Dataparser subcommand, then its options; `--data SCENE` goes right after the subcommand."""
+
+    def method_args(self, scene: Path, settings: TrainSettings) -> List[str]:
+        args = ["--pipeline.model.camera-optimizer.mode", "off"]
+        if not _has_tcnn(settings):
+            args += ["--pipeline.model.implementation", "torch"]
+        return args
+
+    def data_args(self, scene: Path, settings: TrainSettings) -> List[str]:
+        subcommand, *options = self.dataparser
+        return [subcommand, "--data", str(scene), *options]
+
+
+@dataclass
 class TensoRFSpec(MethodSpec):
     """tensorf's defaults already target Blender scenes (white background, no camera optimiser)."""
 
@@ -227,11 +250,17 @@ def all_methods() -> Dict[str, MethodSpec]:
     return {s.name: s for s in specs}
 
 
-def get_method(name: str, extra_args: Optional[List[str]] = None) -> MethodSpec:
-    """A copy of the named spec, with extra ns-train options appended."""
+def real_methods() -> Dict[str, MethodSpec]:
+    """The methods of the real-capture suite, by name: certsdf reads every format with `--data DIR`
+    (so its Blender spec serves), nerfacto needs its real-scene settings and a dataparser per scene."""
+    return {s.name: s for s in (CertSDFSpec(), NerfactoRealSpec())}
+
+
+def get_method(name: str, extra_args: Optional[List[str]] = None, real: bool = False) -> MethodSpec:
+    """A copy of the named spec (of :func:`real_methods` when `real`), with extra ns-train options appended."""
     import copy
 
-    methods = all_methods()
+    methods = real_methods() if real else all_methods()
     if name not in methods:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(methods)}")
     spec = copy.deepcopy(methods[name])

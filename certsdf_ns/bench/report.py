@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from certsdf_ns.bench.results import _finite, plot_quality
+from certsdf_ns.bench.results import _finite, plot_quality, plot_real
 
-SUITES = ("speed", "quality", "sigma")
+SUITES = ("speed", "quality", "sigma", "real")
 
 
 @dataclass
@@ -124,7 +124,50 @@ def sigma_markdown(suite: dict) -> str:
     return _table(head, body)
 
 
-RENDERERS: Dict[str, Callable[[dict], str]] = {"speed": speed_markdown, "quality": quality_markdown, "sigma": sigma_markdown}
+def real_markdown(suite: dict) -> str:
+    """One table per scene (certsdf-bench real), its first-usable-mesh line, and the definitions."""
+    rows = suite["rows"]
+    parts = []
+    for scene in dict.fromkeys(r["scene"] for r in rows):
+        evals = [r for r in rows if r["scene"] == scene and r["kind"] == "eval"]
+        masked = any(_finite(r.get("psnr_masked")) or _finite(r.get("iou")) for r in evals)
+        head = ["method", "mesh", "steps", "training time (s)", "train rays/s", "PSNR"]
+        head += ["PSNR masked", "SSIM", "IoU", "coverage"] if masked else ["SSIM"]
+        head += ["mesh export (s)", "render (s/view)", "status"]
+        body = []
+        for r in evals:
+            line = [r["method"], r["mesh"] or "–", str(r["iterations"]) if r.get("iterations") is not None else "–",
+                    _num(r["train_time_s"], ".0f"), _num(r["rays_per_sec"], ".0f"), _num(r["psnr"], ".2f")]  # fmt: skip
+            line += ([_num(r["psnr_masked"], ".2f"), _num(r["ssim"], ".3f"), _num(r["iou"], ".3f"), _num(r["coverage"], ".3f")]
+                     if masked else [_num(r["ssim"], ".3f")])  # fmt: skip
+            status = r["status"] if r["status"] == "ok" else f"{r['status']}"
+            if r.get("mesh_status") and r["mesh_status"] != "ok":
+                status = f"mesh {str(r['mesh_status'])[:60]}"
+            line += [_num(r["export_s"], ".1f"), _num(r["render_s_per_view"], ".2f"), status]
+            body.append(line)
+        lines = [f"#### {scene}", _table(head, body) if body else "(no evaluated checkpoint)"]
+        for r in rows:
+            if r["scene"] != scene:
+                continue
+            if r["kind"] == "run":
+                lines.append(f"- {r['method']}: {r['status']}: {str(r['reason'])[:200]}")
+            elif r["kind"] == "usable_mesh":
+                what = f"{r['metric']} ≥ {r['threshold']:g}"
+                if r["reached"]:
+                    lines.append(f"- minutes to the first usable certsdf mesh ({what}): {r['minutes']:.1f} min "
+                                 f"(step {r['step']}, {r['metric']} {r['value']:.3f})")  # fmt: skip
+                else:
+                    best = f"; best {r['best_value']:.3f} at {r['best_train_time_s']:.0f} s" if _finite(r.get("best_value")) else ""
+                    lines.append(f"- minutes to the first usable certsdf mesh ({what}): not reached in the budget{best}")
+        parts.append("\n\n".join(lines))
+    defs = suite.get("definitions") or {}
+    if defs:
+        parts.append("\n".join(f"- {k}: {v}" for k, v in defs.items()))
+    return "\n\n".join(parts)
+
+
+RENDERERS: Dict[str, Callable[[dict], str]] = {"speed": speed_markdown, "quality": quality_markdown, "sigma": sigma_markdown,
+                                               "real": real_markdown}  # fmt: skip
 
 
 def write_summary(suite_dir: Path) -> str:
@@ -142,9 +185,9 @@ def write_report(results_dir: Path) -> Dict[str, str]:
         suite_dir = Path(results_dir) / name
         if not (suite_dir / "suite.json").is_file():
             continue
-        if name == "quality":  # its plots come from the per-run records, which suite.json does not hold
+        if name in ("quality", "real"):  # their plots come from the per-run records, which suite.json does not hold
             runs = [json.loads(p.read_text()) for p in sorted(suite_dir.glob("*.json")) if p.name != "suite.json"]
-            plot_quality(suite_dir, [r for r in runs if "evaluations" in r])
+            (plot_quality if name == "quality" else plot_real)(suite_dir, [r for r in runs if "evaluations" in r])
         written[name] = write_summary(suite_dir)
     return written
 

@@ -183,3 +183,23 @@ def plot_quality(out: Path, records: Sequence[dict]) -> None:
             # Chamfer spans orders of magnitude between a surface and a floater-ridden export: log scale.
             plot_lines(out / f"{scene}_{key}.png", series, f"{scene}: {label} vs training time",
                        "training time (s)", label, notes=notes + failed[:6], logy=key == "chamfer_l1")  # fmt: skip
+
+
+def plot_real(out: Path, records: Sequence[dict]) -> None:
+    """Per real scene: held-out PSNR vs training time per method, and (where masks exist) each
+    mesh's silhouette IoU and coverage vs training time. Takes the per-run records (`<run>.json`)."""
+    for scene in dict.fromkeys(r["scene"] for r in records):
+        recs = [r for r in records if r["scene"] == scene]
+        notes = [f"{r['method']}: {r['status']} ({str(r['reason'])[:80]})" for r in recs if r["status"] != "ok"]
+        series = {r["method"]: [(e["train_time_s"], e["psnr"]) for e in r["evaluations"]] for r in recs}
+        plot_lines(out / f"{scene}_psnr.png", series, f"{scene}: held-out PSNR vs training time", "training time (s)",
+                   "PSNR (dB)", notes=notes)  # fmt: skip
+        meshes = [m for r in recs for m in r.get("meshes") or [] if _finite(m.get("iou"))]
+        if not meshes:
+            continue
+        sil: Dict[str, list] = {}
+        for m in meshes:
+            for key in ("iou", "coverage"):
+                sil.setdefault(f"{m['method']} {key}", []).append((m["train_time_s"], m[key]))
+        plot_lines(out / f"{scene}_silhouette.png", sil, f"{scene}: mesh silhouette vs object masks (held-out views)",
+                   "training time (s)", "IoU / coverage", notes=notes)  # fmt: skip

@@ -1,4 +1,6 @@
-"""The three suites: speed, quality and sigma. Each writes `<results>/<suite>/` (see `results`)."""
+"""The suites on Blender scenes: speed, quality and sigma (real captures: :mod:`certsdf_ns.bench.real`).
+
+Each writes `<results>/<suite>/` (see `results`)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import math
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -28,18 +30,24 @@ ALL_METHODS = ("certsdf", "nerfacto", "tensorf", "instant-ngp", "neus", "neus-fa
 
 
 @dataclass
-class SuiteConfig:
+class BenchConfig:
     """Options shared by every suite."""
 
     results_dir: Path = Path("bench_results")
     """Results root; the suite writes into RESULTS_DIR/<suite>/."""
-    scenes: SceneOptions = field(default_factory=SceneOptions)
     trial: TrialOptions = field(default_factory=TrialOptions)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Training/evaluation device; 'auto' is CUDA when available."""
 
     def resolved_device(self) -> str:
         return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+
+
+@dataclass
+class SuiteConfig(BenchConfig):
+    """Options shared by the suites on Blender-format scenes (speed, quality, sigma)."""
+
+    scenes: SceneOptions = field(default_factory=SceneOptions)
 
 
 @dataclass
@@ -124,8 +132,11 @@ def refuse_earlier_trials(out: Path, requests: Sequence[TrialRequest]) -> None:
             )
 
 
-def _run_all(suite: str, cfg: SuiteConfig, requests: Sequence[TrialRequest], header: dict) -> List[dict]:
-    """Run the trials in order with a rich progress display; write each run's JSON as it ends."""
+def _run_all(suite: str, cfg: BenchConfig, requests: Sequence[TrialRequest], header: dict,
+             trial: Callable[..., dict] = run_trial) -> List[dict]:  # fmt: skip
+    """Run the trials in order with a rich progress display; write each run's JSON as it ends.
+
+    `trial(request, cfg.trial, suite_dir, device, progress)` runs one request (default: :func:`run_trial`)."""
     out = Path(cfg.results_dir) / suite
     refuse_earlier_trials(out, requests)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +157,7 @@ def _run_all(suite: str, cfg: SuiteConfig, requests: Sequence[TrialRequest], hea
                 progress.update(task, description=f"{name}: {words.get(phase, phase)}", completed=done, total=total)
 
             try:
-                record = run_trial(req, cfg.trial, out, device, report if runnable else None)
+                record = trial(req, cfg.trial, out, device, report if runnable else None)
             except Exception as exc:  # one broken method must not cost the other runs
                 record = {"run": req.run_name, "method": req.spec.name, "scene": req.scene.name, "status": "failed",
                           "reason": repr(exc), "traceback": traceback.format_exc(), "training": {},
@@ -161,7 +172,7 @@ def _run_all(suite: str, cfg: SuiteConfig, requests: Sequence[TrialRequest], hea
     return records
 
 
-def _header(suite: str, cfg: SuiteConfig, budget_s: float) -> dict:
+def _header(suite: str, cfg: BenchConfig, budget_s: float) -> dict:
     return {"suite": suite, "machine": machine_info(), "budget_s": budget_s,
             "config": _jsonable(asdict(cfg))}  # fmt: skip
 

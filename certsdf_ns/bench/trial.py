@@ -42,7 +42,7 @@ class TrialOptions:
     eval_min_fraction: float = 1.0 / 32.0
     """The earliest evaluation time, as a fraction of the budget."""
     n_test_views: int = 10
-    """Test views rendered per evaluation (the first N of the test split)."""
+    """Test views rendered per evaluation (the first N of the test split; `certsdf-bench real`: 0 = every held-out view)."""
     mesh_points: int = 100_000
     """Surface samples per mesh for Chamfer-L1 / F-score."""
     certsdf_mesh_resolution: int = 256
