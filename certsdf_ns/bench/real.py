@@ -102,7 +102,7 @@ from certsdf_ns.bench.methods import MethodSpec, NerfactoRealSpec, TrainSettings
 from certsdf_ns.bench.offline import CHECKPOINT_NOTE, LPIPS_NOTE
 from certsdf_ns.bench.report import write_summary
 from certsdf_ns.bench.results import plot_real, write_csv, write_json
-from certsdf_ns.bench.runner import RunResult, eval_targets, run_budgeted
+from certsdf_ns.bench.runner import RunResult, run_budgeted
 from certsdf_ns.bench.suites import BenchConfig, _header, _run_all, refuse_earlier_trials
 from certsdf_ns.bench.trial import TrialOptions, TrialRequest
 
@@ -181,6 +181,9 @@ class RealConfig(BenchConfig):
     """Extract nerfacto's meshes (ns-export tsdf and poisson) at its last checkpoint."""
     export: PeerExportOptions = field(default_factory=PeerExportOptions)
     """nerfacto's ns-export settings; the box is certsdf's scene box on each scene (--export.bbox is not used)."""
+    peer_last_only: bool = True
+    """Evaluate peers (nerfacto) at their last checkpoint only: on one core nerfacto renders ~570 rays/s,
+    so one DTU evaluation (7 views at 400x300) takes ~25 minutes. certsdf is evaluated along its curve."""
     usable_threshold: float = 0.9
     """A certsdf mesh is usable from the first checkpoint whose IoU (dtu_masks) / coverage (dtu_nomasks) ≥ this."""
     trial: TrialOptions = field(default_factory=lambda: TrialOptions(n_test_views=0))
@@ -199,6 +202,8 @@ class RealRequest(TrialRequest):
     mesh_box: Optional[List[List[float]]] = None
     """[min xyz, max xyz] of certsdf's scene box in the dataparser frame: where peer meshes are extracted."""
     usable_threshold: float = 0.9
+    peer_last_only: bool = True
+    """Evaluate a peer at its last checkpoint only (RealConfig.peer_last_only)."""
 
 
 class CameraMismatchError(AssertionError):
@@ -429,7 +434,7 @@ def run_real_trial(req: RealRequest, opts: TrialOptions, out_dir: Path, device: 
     assert req.real is not None and req.views is not None
     settings = TrainSettings(opts.rays_per_batch, scene.scale, opts.steps_per_save_for(spec.name), device,
                              scratch_dir=Path(out_dir) / "data")  # fmt: skip
-    targets = eval_targets(req.budget_s, opts.eval_points, opts.eval_min_fraction)
+    targets = opts.targets(req.budget_s)
     record: dict = {
         "run": req.run_name, "method": spec.name, "scene": scene.name, "scene_path": str(scene.path),
         "scene_format": req.real.fmt, "trained_with_masks": req.real.masks,
@@ -465,7 +470,7 @@ def run_real_trial(req: RealRequest, opts: TrialOptions, out_dir: Path, device: 
 def _evaluate_real(req: RealRequest, opts: TrialOptions, run: RunResult, out_dir: Path, record: dict, progress) -> None:
     spec, views = req.spec, req.views
     assert views is not None and req.real is not None
-    ckpts = run.kept_checkpoints
+    ckpts = run.kept_checkpoints[-1:] if (spec.peer and req.peer_last_only) else run.kept_checkpoints
     by_step = {c.step: c for c in ckpts}
     try:
         pipeline = None
@@ -575,7 +580,7 @@ def build_requests(cfg: RealConfig, out: Path) -> List[RealRequest]:
             reqs.append(RealRequest(
                 spec, Scene(name, data, cfg.scale, None), f"{m}_{name}", cfg.budget_s,
                 peer_exports=cfg.export if (cfg.peer_exports and spec.peer) else None,
-                real=scene, usable_threshold=cfg.usable_threshold,
+                real=scene, usable_threshold=cfg.usable_threshold, peer_last_only=cfg.peer_last_only,
             ))  # fmt: skip
     return reqs
 

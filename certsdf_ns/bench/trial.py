@@ -41,6 +41,9 @@ class TrialOptions:
     (with eval_min_fraction 1/32: a factor 2 apart), plus the run's first checkpoint."""
     eval_min_fraction: float = 1.0 / 32.0
     """The earliest evaluation time, as a fraction of the budget."""
+    eval_times_s: Tuple[float, ...] = ()
+    """Training times (s) to evaluate at instead of the log-spaced ones (e.g. 600 1800 3600); the
+    budget is always evaluated."""
     n_test_views: int = 10
     """Test views rendered per evaluation (the first N of the test split; `certsdf-bench real`: 0 = every held-out view)."""
     mesh_points: int = 100_000
@@ -63,6 +66,14 @@ class TrialOptions:
             if name == method:
                 out += shlex.split(args)
         return out
+
+    def targets(self, budget_s: float, last_only: bool = False) -> List[float]:
+        """The training times at which checkpoints are kept and evaluated."""
+        if last_only:
+            return [float(budget_s)]
+        if self.eval_times_s:
+            return sorted({float(t) for t in self.eval_times_s if t < budget_s} | {float(budget_s)})
+        return eval_targets(budget_s, self.eval_points, self.eval_min_fraction)
 
     def steps_per_save_for(self, method: str) -> int:
         return int(self.steps_per_save.get(method, self.default_steps_per_save))
@@ -94,7 +105,7 @@ def run_trial(req: TrialRequest, opts: TrialOptions, out_dir: Path, device: str,
     spec, scene = req.spec, req.scene
     settings = TrainSettings(opts.rays_per_batch, scene.scale, opts.steps_per_save_for(spec.name), device,
                              scratch_dir=Path(out_dir) / "scenes")  # fmt: skip
-    targets = eval_targets(req.budget_s, 1 if req.evaluate_last_only else opts.eval_points, opts.eval_min_fraction)
+    targets = opts.targets(req.budget_s, req.evaluate_last_only)
     record: dict = {
         "run": req.run_name, "method": spec.name, "scene": scene.name, "scene_path": str(scene.path),
         "camera_res_scale_factor": scene.scale, "budget_s": req.budget_s, "settings": asdict(settings),

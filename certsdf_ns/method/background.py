@@ -61,19 +61,26 @@ class RegionContraction(SceneContraction):
 class GridBackgroundField(nn.Module):
     """Density and colour on the contracted space from a dense [C, R, R, R] feature volume.
 
-    Channel 0 is the density's pre-activation (trunc_exp, as nerfacto); the others, with the view
-    direction's spherical harmonics, go through a small MLP to the colour. One trilinear lookup per
-    sample (`certified.sample_grid`), so the cost is that of a grid_sample, not of a hash grid.
+    Channel 0 is the density's pre-activation (trunc_exp, as nerfacto); the others go through a small
+    MLP to the colour. One trilinear lookup per sample (`certified.sample_grid`), so the cost is that
+    of a grid_sample, not of a hash grid.
+
+    With ``view_dependent`` the view direction's spherical harmonics join the features. Every ray
+    through the object also meets the background behind it, so a direction-dependent background could
+    paint the object there, differently for each view; on DTU without masks a view-independent one did
+    not keep more of the object, so the default is view-dependent (README, "Real captures").
     """
 
-    def __init__(self, contraction: RegionContraction, resolution: int, features: int, hidden_dim: int) -> None:
+    def __init__(
+        self, contraction: RegionContraction, resolution: int, features: int, hidden_dim: int, view_dependent: bool = True
+    ) -> None:
         super().__init__()
         self.contraction = contraction
         self.register_buffer("box", torch.tensor(CONTRACTED_BOX), persistent=False)
         self.volume = nn.Parameter(1e-2 * torch.randn(features + 1, resolution, resolution, resolution))
-        self.direction_encoding = SHEncoding(levels=4, implementation="torch")
+        self.direction_encoding = SHEncoding(levels=4, implementation="torch") if view_dependent else None
         self.colour_mlp = MLP(
-            in_dim=features + self.direction_encoding.get_out_dim(),
+            in_dim=features + (self.direction_encoding.get_out_dim() if view_dependent else 0),
             num_layers=2,
             layer_width=hidden_dim,
             out_dim=3,
@@ -87,8 +94,11 @@ class GridBackgroundField(nn.Module):
         shape = positions.shape[:-1]
         values = sample_grid(self.volume, self.contraction(positions.reshape(-1, 3)), self.box)
         density = trunc_exp(values[:, :1] - 1.0)  # starts thin (e^-1), as nerfacto's density bias
-        dirs = self.direction_encoding((ray_samples.frustums.directions.reshape(-1, 3) + 1.0) / 2.0)
-        rgb = self.colour_mlp(torch.cat([values[:, 1:], dirs], dim=-1))
+        features = values[:, 1:]
+        if self.direction_encoding is not None:
+            dirs = self.direction_encoding((ray_samples.frustums.directions.reshape(-1, 3) + 1.0) / 2.0)
+            features = torch.cat([features, dirs], dim=-1)
+        rgb = self.colour_mlp(features)
         return density.reshape(*shape, 1), rgb.reshape(*shape, 3)
 
 
@@ -120,18 +130,22 @@ def build_background_field(
     grid_features: int,
     hidden_dim: int,
     implementation: Literal["tcnn", "torch"],
+    view_dependent: bool = True,
 ) -> nn.Module:
     contraction = RegionContraction(centre, radius)
     if kind == "nerfacto":
         return NerfactoBackgroundField(contraction, num_images, implementation)
-    return GridBackgroundField(contraction, grid_resolution, grid_features, hidden_dim)
+    return GridBackgroundField(contraction, grid_resolution, grid_features, hidden_dim, view_dependent)
 
 
 def background_start(
-    origins: Float[Tensor, "N 3"], directions: Float[Tensor, "N 3"], fars: Float[Tensor, "N 1"],
-    hits: Float[Tensor, "N"], centre: Float[Tensor, "3"], min_t: float,
-) -> Float[Tensor, "N 1"]:  # fmt: skip
-    """Where each ray's background begins: where it leaves the region (``fars`` of the rays that
-    ``hits`` it), else at its closest approach to the region's centre (never before ``min_t``)."""
-    closest = ((centre - origins) * directions).sum(-1, keepdim=True) / (directions * directions).sum(-1, keepdim=True)
-    return torch.where(hits[:, None], fars, closest).clamp_min(min_t)
+    origins: Float[Tensor, "N 3"], directions: Float[Tensor, "N 3"], centre: Float[Tensor, "3"], radius: float, min_t: float
+) -> Float[Tensor, "N 1"]:
+    """Where each ray's background begins: where it leaves the ball (centre, radius), or, for a ray
+    that misses the ball, its closest approach to the centre (never before ``min_t``)."""
+    d2 = (directions * directions).sum(-1, keepdim=True)
+    offset = origins - centre
+    closest = -(offset * directions).sum(-1, keepdim=True) / d2
+    discriminant = closest**2 - ((offset * offset).sum(-1, keepdim=True) - radius**2) / d2
+    leaves = closest + torch.sqrt(discriminant.clamp_min(0.0))
+    return torch.where(discriminant > 0, leaves, closest).clamp_min(min_t)

@@ -113,6 +113,11 @@ class CertSDFFieldConfig:
     """ε inside the density logarithm (caps the density inside at density_scale·ln(1/ε))."""
     init_logit: float = -2.0
     """Initial occupancy logit of every voxel (sigmoid(−2) ≈ 0.12: almost empty, but visible to gradients)."""
+    init_ball: float = 0.3
+    """On real captures (a region of interest): the occupancy starts as a ball of this fraction of the
+    region's radius (logit −init_logit inside), as NeuS starts from a sphere. The background model fits
+    faster than an empty grid forms a surface; starting empty, it painted the whole object behind the
+    region (tests/test_background.py). 0: a uniform start."""
     # "colour" is this project's spelling; "color" appears only in names nerfstudio gives
     # (background_color, as in every nerfstudio method). Renaming either would break saved
     # configs and the commands in users' scripts.
@@ -168,6 +173,10 @@ class CertSDFField(Field):
             init_logit=config.init_logit,
             support_sphere=None if region is None else (region[0].tolist(), float(region[1])),
         )
+        if region is not None and config.init_ball > 0:
+            with torch.no_grad():
+                ball = (self.geometry.grid_points() - region[0]).norm(dim=-1) <= config.init_ball * float(region[1])
+                self.geometry.logits.copy_(torch.where(ball, -config.init_logit, config.init_logit))
         self.sharpness = sharpness_voxels * self.voxel
         self.density_scale = float(config.density_scale)
         self.density_eps = float(config.density_eps)

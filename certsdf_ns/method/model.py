@@ -181,12 +181,18 @@ class CertSDFModelConfig(ModelConfig, CertSDFFieldConfig):
     feature volume on the contracted space, ~10x cheaper on CPU). 'none': the fixed background colour."""
     num_background_samples: int = 16
     """Background samples per ray, linear in disparity from the region's exit to the far plane."""
+    background_start_radii: float = 1.0
+    """The background begins where a ray leaves the ball of this many region radii around the region's centre."""
     background_far_radii: float = 1000.0
     """Far plane of the background, in region radii from the ray's start."""
     background_grid_resolution: int = 96
     """background-model grid: nodes per axis of the feature volume over the contracted space."""
     background_grid_features: int = 8
     """background-model grid: colour feature channels (plus one for density)."""
+    background_view_dependent: bool = True
+    """background-model grid: colour depends on the view direction (spherical harmonics into the colour
+    MLP). A view-dependent background could paint the object behind the region differently for each view;
+    turning it off did not keep more of the object on DTU without masks (README, "Real captures")."""
 
     @property
     def sdf_field(self) -> bool:
@@ -229,7 +235,7 @@ class CertSDFModel(Model):
             assert self.region is not None
             self.background_field = build_background_field(
                 kind, *self.region, self.num_train_data, cfg.background_grid_resolution,
-                cfg.background_grid_features, cfg.hidden_dim_colour, self.field.backend,
+                cfg.background_grid_features, cfg.hidden_dim_colour, self.field.backend, cfg.background_view_dependent,
             )  # fmt: skip
             self.background_sampler = LinearDisparitySampler(num_samples=cfg.num_background_samples)
             # The foreground is composited on black and the background behind it (get_outputs).
@@ -388,10 +394,10 @@ class CertSDFModel(Model):
         """Colour of what each ray meets beyond the object's region (on black where nothing is)."""
         assert self.background_field is not None and self.region is not None
         centre, radius = self.region
-        region_hits = (ray_bundle.fars > ray_bundle.nears + 1e-6)[:, 0]
         start = background_start(
-            ray_bundle.origins, ray_bundle.directions, ray_bundle.fars, region_hits, centre.to(ray_bundle.origins), 1e-3 * radius
-        )
+            ray_bundle.origins, ray_bundle.directions, centre.to(ray_bundle.origins),
+            self.config.background_start_radii * radius, 1e-3 * radius,
+        )  # fmt: skip
         far = torch.maximum(torch.full_like(start, self.config.background_far_radii * radius), start + radius)
         outside = RayBundle(
             origins=ray_bundle.origins, directions=ray_bundle.directions, pixel_area=ray_bundle.pixel_area,
