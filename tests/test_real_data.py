@@ -521,7 +521,7 @@ def test_dtu_trains_with_masks_and_exports_in_millimetres(cli_runs) -> None:
     saved dataparser transform takes the unit sphere's centre to scale_mat's translation (mm)."""
     proc = cli_runs["dtu"].result()
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "neus format" in proc.stdout
+    assert "neus format" in proc.stdout and "NeuS's unit sphere" in " ".join(proc.stdout.split())
     run_dir = cli_runs["root"] / "out" / "dtu" / "certsdf" / "run"
     assert "eval_every: 7" in (run_dir / "config.yml").read_text()
     assert list((run_dir / "nerfstudio_models").glob("step-*.ckpt"))
@@ -536,5 +536,10 @@ def test_dtu_trains_with_masks_and_exports_in_millimetres(cli_runs) -> None:
 def test_phone_captures_get_past_dataparsing_and_train(scene, fmt, cli_runs) -> None:
     proc = cli_runs[scene].result()
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"{fmt} format" in proc.stdout and "real capture" in " ".join(proc.stdout.split())
-    assert list((cli_runs["root"] / "out" / scene / "certsdf" / "run" / "nerfstudio_models").glob("step-*.ckpt"))
+    out = " ".join(proc.stdout.split())
+    assert f"{fmt} format" in out and "real capture" in out
+    # The region comes from the cameras; outside it the background model (a grid without tinycudann).
+    assert "region of interest" in out and "the ball the training cameras look at" in out, out[-2000:]
+    run_dir = cli_runs["root"] / "out" / scene / "certsdf" / "run"
+    assert list((run_dir / "nerfstudio_models").glob("step-*.ckpt"))
+    assert "background_model: grid" in (run_dir / "config.yml").read_text()
