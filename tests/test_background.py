@@ -188,3 +188,24 @@ def test_object_in_a_room_trains_to_the_object_not_the_room(room_scene: Path, tm
     assert pipeline.model.background_field is not None
     assert report.sign_agreement >= 0.95, report
     assert metrics.chamfer_l1 <= CHAMFER_BOUND, metrics
+
+
+def test_rendered_views_show_the_background_in_rgb_and_the_region_alone_in_the_sdf_views() -> None:
+    """What the viewer and ns-eval render (eval mode, a whole camera): rgb holds the background where
+    rays miss the object, while accumulation, depth and the certified-SDF views are the region's."""
+    model = _region_model()
+    with torch.no_grad():
+        model.field.geometry.set_occupancy((model.field.geometry.grid_points().norm(dim=-1) < 0.4).float())
+    model.eval()
+    camera = Cameras(
+        camera_to_worlds=torch.tensor(look_at_origin(np.array([0.0, -3.0, 0.0]))[:3, :4], dtype=torch.float32)[None],
+        fx=40.0, fy=40.0, cx=24.0, cy=24.0, width=48, height=48,
+    )  # fmt: skip
+    outputs = model.get_outputs_for_camera(camera)
+    assert {"rgb", "rgb_foreground", "rgb_background", "accumulation", "ray_min_sdf"} <= set(outputs)
+    corner, centre = (0, 0), (24, 24)  # a corner ray passes beside the unit ball; the centre ray hits the object
+    assert float(outputs["accumulation"][corner]) == 0.0 and float(outputs["accumulation"][centre]) > 0.99
+    torch.testing.assert_close(outputs["rgb"][corner], outputs["rgb_background"][corner])
+    assert float(outputs["rgb_background"][corner].sum()) > 0.1  # the background model's colour, not black
+    # The SDF view along the corner ray: the smallest certified distance met, positive (no surface there).
+    assert float(outputs["ray_min_sdf"][corner].min()) > 0.0
