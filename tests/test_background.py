@@ -209,3 +209,17 @@ def test_rendered_views_show_the_background_in_rgb_and_the_region_alone_in_the_s
     assert float(outputs["rgb_background"][corner].sum()) > 0.1  # the background model's colour, not black
     # The SDF view along the corner ray: the smallest certified distance met, positive (no surface there).
     assert float(outputs["ray_min_sdf"][corner].min()) > 0.0
+
+
+def test_region_option_moves_the_grid_and_a_bad_radius_is_refused(room_scene: Path, capsys) -> None:
+    """--pipeline.datamanager.dataparser.region: the scene box becomes the ball's box (Blender scenes
+    have no dataparser transform); a radius <= 0 ends in one message, exit code 2."""
+    from certsdf_ns.data.dataparser import CertSDFDataParserConfig
+
+    outputs = CertSDFDataParserConfig(data=room_scene, region=(0.1, 0.2, 0.3, 1.2)).setup().get_dataparser_outputs("train")
+    torch.testing.assert_close(outputs.scene_box.aabb, torch.tensor([[-1.1, -1.0, -0.9], [1.3, 1.4, 1.5]]))
+    torch.testing.assert_close(outputs.metadata[REGION_KEY], torch.tensor([0.1, 0.2, 0.3, 1.2]))
+    with pytest.raises(SystemExit) as exit_info:
+        CertSDFDataParserConfig(data=room_scene, region=(0.0, 0.0, 0.0, -1.0)).setup().get_dataparser_outputs("train")
+    assert exit_info.value.code == 2
+    assert "region: the radius must be positive, got -1.0" in " ".join(capsys.readouterr().err.split())
