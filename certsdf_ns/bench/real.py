@@ -102,9 +102,9 @@ from certsdf_ns.bench.methods import MethodSpec, NerfactoRealSpec, TrainSettings
 from certsdf_ns.bench.offline import CHECKPOINT_NOTE, LPIPS_NOTE
 from certsdf_ns.bench.report import write_summary
 from certsdf_ns.bench.results import plot_real, write_csv, write_json
-from certsdf_ns.bench.runner import RunResult, run_budgeted
+from certsdf_ns.bench.runner import RunResult
 from certsdf_ns.bench.suites import BenchConfig, _header, _run_all, refuse_earlier_trials
-from certsdf_ns.bench.trial import TrialOptions, TrialRequest
+from certsdf_ns.bench.trial import TrialOptions, TrialRequest, train_and_evaluate
 
 REAL = SHARED / "real"
 CAMERA_TOLERANCE = 1e-4
@@ -445,23 +445,7 @@ def run_real_trial(req: RealRequest, opts: TrialOptions, out_dir: Path, device: 
         "eval_targets_s": targets, "heldout_views": list(req.views.labels), "n_views": len(req.views.labels),
         "camera_check": req.camera_check,
     }  # fmt: skip
-    run: RunResult = run_budgeted(
-        spec, scene.path, settings, req.budget_s, out_dir, req.run_name, targets,
-        grace_s=opts.grace_s, startup_timeout_s=opts.startup_timeout_s,
-        on_progress=(lambda t: progress("train", t, req.budget_s)) if progress else None,
-    )  # fmt: skip
-    record["training"] = run.to_json()
-    record["status"], record["reason"] = run.status, run.reason
-    record["evaluations"], record["meshes"] = [], []
-    t0 = time.perf_counter()
-    try:
-        if run.status == "ok":
-            _evaluate_real(req, opts, run, Path(out_dir), record, progress)
-            record["evaluation_wall_s"] = time.perf_counter() - t0
-    finally:
-        if not opts.keep_checkpoints:
-            for c in run.kept_checkpoints:
-                Path(c.path).unlink(missing_ok=True)
+    train_and_evaluate(req, opts, settings, targets, Path(out_dir), record, _evaluate_real, progress)
     if req.real.usable_metric is not None and not spec.peer:
         record["first_usable_mesh"] = first_usable_mesh(record["meshes"], req.real.usable_metric, req.usable_threshold)
     return record

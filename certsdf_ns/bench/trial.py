@@ -113,8 +113,16 @@ def run_trial(req: TrialRequest, opts: TrialOptions, out_dir: Path, device: str,
         "checkpoint_loading": CHECKPOINT_NOTE if spec.peer else "torch.load defaults",
         "eval_targets_s": targets, "n_test_views": opts.n_test_views,
     }  # fmt: skip
+    train_and_evaluate(req, opts, settings, targets, Path(out_dir), record, _evaluate_run, progress)
+    return record
+
+
+def train_and_evaluate(req: TrialRequest, opts: TrialOptions, settings: TrainSettings, targets: Sequence[float],
+                       out_dir: Path, record: dict, evaluate: Callable, progress=None) -> RunResult:  # fmt: skip
+    """Budgeted training, then ``evaluate(req, opts, run, out_dir, record, progress)`` off the clock,
+    recorded into ``record``; the evaluated checkpoints are deleted afterwards (unless kept)."""
     run: RunResult = run_budgeted(
-        spec, scene.path, settings, req.budget_s, out_dir, req.run_name, targets,
+        req.spec, req.scene.path, settings, req.budget_s, out_dir, req.run_name, targets,
         grace_s=opts.grace_s, startup_timeout_s=opts.startup_timeout_s,
         on_progress=(lambda t: progress("train", t, req.budget_s)) if progress else None,
     )  # fmt: skip
@@ -124,13 +132,13 @@ def run_trial(req: TrialRequest, opts: TrialOptions, out_dir: Path, device: str,
     t0 = time.perf_counter()
     try:
         if run.status == "ok":
-            _evaluate_run(req, opts, run, out_dir, record, progress)
+            evaluate(req, opts, run, out_dir, record, progress)
             record["evaluation_wall_s"] = time.perf_counter() - t0  # off the clock: renders + exports
     finally:
         if not opts.keep_checkpoints:  # ~200 MB each; the JSON keeps what was measured
             for c in run.kept_checkpoints:
                 Path(c.path).unlink(missing_ok=True)
-    return record
+    return run
 
 
 def _evaluate_run(req: TrialRequest, opts: TrialOptions, run: RunResult, out_dir: Path, record: dict, progress) -> None:

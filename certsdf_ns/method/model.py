@@ -187,7 +187,7 @@ class CertSDFModelConfig(ModelConfig, CertSDFFieldConfig):
     background_start_radii: float = 1.0
     """The background begins where a ray leaves the ball of this many region radii around the region's centre."""
     background_far_radii: float = 1000.0
-    """Far plane of the background, in region radii from the ray's start."""
+    """Far plane of the background along each ray, in region radii."""
     background_grid_resolution: int = 96
     """background-model grid: nodes per axis of the feature volume over the contracted space."""
     background_grid_features: int = 8
