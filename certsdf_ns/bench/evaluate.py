@@ -23,7 +23,7 @@ suite checks), and :func:`heldout_metrics` adds PSNR inside the object mask and 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -40,6 +40,9 @@ class ImageMetrics:
     n_views: int
     render_s: float
     """Time to render the N views (not part of any time axis)."""
+    psnr_per_view: List[float] = field(default_factory=list)
+    """Each view's PSNR, in test-split order (so a subset of views can be compared across runs)."""
+    ssim_per_view: List[float] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -86,7 +89,7 @@ def render_metrics(pipeline, cameras, images: Sequence[torch.Tensor], step: int)
         psnrs.append(float(peak_signal_noise_ratio(p, g, data_range=1.0)))
         ssims.append(float(structural_similarity_index_measure(p, g, data_range=1.0)))
     n = len(images)
-    return ImageMetrics(step, sum(psnrs) / n, sum(ssims) / n, n, time.perf_counter() - t0)
+    return ImageMetrics(step, sum(psnrs) / n, sum(ssims) / n, n, time.perf_counter() - t0, psnrs, ssims)
 
 
 @dataclass

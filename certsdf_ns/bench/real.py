@@ -443,7 +443,7 @@ def run_real_trial(req: RealRequest, opts: TrialOptions, out_dir: Path, device: 
         "lpips": LPIPS_NOTE if spec.peer else "not used (certsdf skips LPIPS when its weights are not cached)",
         "checkpoint_loading": CHECKPOINT_NOTE if spec.peer else "torch.load defaults",
         "eval_targets_s": targets, "heldout_views": list(req.views.labels), "n_views": len(req.views.labels),
-        "camera_check": req.camera_check,
+        "camera_check": req.camera_check, "own_budget": opts.runs_own_budget(spec.name),
     }  # fmt: skip
     train_and_evaluate(req, opts, settings, targets, Path(out_dir), record, _evaluate_real, progress)
     if req.real.usable_metric is not None and not spec.peer:

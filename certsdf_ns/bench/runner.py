@@ -83,7 +83,8 @@ class RunResult:
     mean_load_1m: float = float("nan")
     """Mean 1-minute load average while training: above the core count, timings are polluted."""
     stopped_by: str = ""
-    """'budget' (SIGINT at the budget), 'exit' (ended by itself) or 'kill'."""
+    """'budget' (SIGINT at the budget), 'own budget' (a method run with its own budget ended by
+    itself), 'exit' (ended by itself: a crash otherwise) or 'kill'."""
     checkpoints: List[Checkpoint] = field(default_factory=list)
     kept_checkpoints: List[Checkpoint] = field(default_factory=list)
 
@@ -98,12 +99,13 @@ def eval_targets(budget_s: float, n_points: int, min_fraction: float = 1.0 / 32.
     return [float(t) for t in np.geomspace(budget_s * min_fraction, budget_s, n_points)]
 
 
-def select_checkpoints(ckpts: Sequence[Checkpoint], targets: Sequence[float]) -> List[Checkpoint]:
-    """The first checkpoint, the latest one at or before each target time, and the last one."""
+def select_checkpoints(ckpts: Sequence[Checkpoint], targets: Sequence[float], first: bool = True) -> List[Checkpoint]:
+    """The first checkpoint (unless `first` is False), the latest one at or before each target time,
+    and the last one."""
     if not ckpts:
         return []
     ordered = sorted(ckpts, key=lambda c: c.step)
-    keep = {ordered[0].step, ordered[-1].step}
+    keep = {ordered[0].step, ordered[-1].step} if first else {ordered[-1].step}
     for t in targets:
         before = [c for c in ordered if c.train_time_s <= t]
         if before:
@@ -194,8 +196,17 @@ def run_budgeted(
     startup_timeout_s: float = 900.0,
     poll_s: float = 0.5,
     on_progress: Optional[Callable[[float], None]] = None,
+    keep_first: bool = True,
+    own_budget: bool = False,
 ) -> RunResult:
     """Train `spec` on `scene` for `budget_s` seconds of training; see the module docstring.
+
+    `keep_first`: keep the run's first checkpoint for evaluation too. `own_budget` (certsdf only):
+    the method gets the budget as its own `--max-train-minutes`, plans its schedules for it, saves
+    its last checkpoint and exits by itself, as the plain `ns-train certsdf` command does on CPU;
+    SIGINT comes only if it overruns by `grace_s`. Its own clock also counts the checkpoint writes
+    that the bench asks for (about 1 s per save of a 192³ run), so it trains slightly less than a
+    bench-stopped run of the same budget.
 
     Returns a RunResult whose `kept_checkpoints` are the ones left on disk for evaluation.
     """
@@ -218,6 +229,10 @@ def run_budgeted(
         "--steps-per-eval-batch", str(NEVER), "--steps-per-eval-image", str(NEVER),
         "--steps-per-eval-all-images", str(NEVER),
     ]  # fmt: skip
+    if own_budget:
+        # No evaluation at the budget's end either: the bench evaluates the last checkpoint itself.
+        trainer_opts += ["--max-train-minutes", f"{budget_s / 60.0:.6g}", "--eval-at-budget-end", "False"]
+    stop_at = budget_s + (grace_s if own_budget else 0.0)
     cmd = [sys.executable, "-m", "certsdf_ns.bench.peer_train", spec.ns_method, *trainer_opts, *spec.train_args(scene, settings)]
     result.command = cmd
     result.log_path = str(log_path)
@@ -249,7 +264,7 @@ def run_budgeted(
                     result.stopped_by = result.stopped_by or "exit"
                     break
                 if sigint_at is None:
-                    if timing.start is not None and trained >= budget_s:
+                    if timing.start is not None and trained >= stop_at:
                         proc.send_signal(signal.SIGINT)
                         sigint_at, result.stopped_by = now, "budget"
                     elif timing.start is None and now - launched > startup_timeout_s:
@@ -258,7 +273,7 @@ def run_budgeted(
                 elif now - sigint_at > grace_s:
                     result.stopped_by = "kill"
                     break
-                _prune(timing.checkpoints, keep_targets, deleted)
+                _prune(timing.checkpoints, keep_targets, deleted, first=keep_first)
                 time.sleep(poll_s)
         finally:
             _kill_group(proc)
@@ -272,8 +287,9 @@ def run_budgeted(
         result.startup_s = timing.start - launched
         if timing.first_iteration is not None:
             result.first_iteration_s = timing.start - timing.first_iteration
-    _prune(timing.checkpoints, keep_targets, deleted, final=True)
-    result.kept_checkpoints = [c for c in select_checkpoints(timing.checkpoints, keep_targets) if Path(c.path).exists()]
+    _prune(timing.checkpoints, keep_targets, deleted, final=True, first=keep_first)
+    kept = select_checkpoints(timing.checkpoints, keep_targets, keep_first)
+    result.kept_checkpoints = [c for c in kept if Path(c.path).exists()]
     if timing.checkpoints:
         last = max(timing.checkpoints, key=lambda c: c.step)
         result.train_time_s = last.train_time_s
@@ -282,6 +298,8 @@ def run_budgeted(
             result.rays_per_sec = result.steps * settings.rays_per_batch / last.train_time_s
     if timing.start is None:
         result.status, result.reason = "failed", f"training never started (see {log_path})"
+    elif result.stopped_by == "exit" and own_budget and proc.returncode == 0:
+        result.stopped_by = "own budget"
     elif result.stopped_by == "exit":  # max iterations is "never": ending alone is a crash
         result.status = "failed"
         result.reason = f"ns-train exited by itself (code {proc.returncode}) before the budget (see {log_path})"
@@ -290,12 +308,12 @@ def run_budgeted(
     return result
 
 
-def _prune(ckpts: List[Checkpoint], targets: Sequence[float], deleted: set, final: bool = False) -> None:
+def _prune(ckpts: List[Checkpoint], targets: Sequence[float], deleted: set, final: bool = False, first: bool = True) -> None:
     """Delete checkpoints that will not be evaluated. The newest is kept while training (it may
     still be the latest one before a target) and whenever it is still being written."""
     if len(ckpts) < 2 and not final:
         return
-    keep = {c.step for c in select_checkpoints(ckpts, targets)}
+    keep = {c.step for c in select_checkpoints(ckpts, targets, first)}
     newest = max(c.step for c in ckpts) if ckpts else -1
     for c in ckpts:
         if c.step in keep or c.step in deleted or (c.step == newest and not final):

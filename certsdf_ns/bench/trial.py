@@ -58,6 +58,19 @@ class TrialOptions:
     """Keep the evaluated checkpoints on disk (about 200 MB each) instead of deleting them."""
     extra_args: Tuple[str, ...] = ()
     """Extra ns-train options per method, as 'METHOD:--opt value ...' (e.g. 'nerfacto:--pipeline.model.hash-... 15')."""
+    evaluate_first: bool = True
+    """Also evaluate each run's first checkpoint (the start of the curve). False at full resolution,
+    where one evaluation of 10 views takes minutes (certsdf) to hours (nerfacto) on one core."""
+    own_budget: Tuple[str, ...] = ()
+    """Methods that get the budget as their own `--max-train-minutes` (only certsdf has one): they plan
+    their schedules for the run's length and stop themselves, as the plain `ns-train certsdf` command
+    does on CPU. Their earlier checkpoints are points of *that* run (a run planned for 10 minutes is
+    not a 30-minute run stopped early: compare budgets with one suite run per budget)."""
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.own_budget if m != "certsdf"]
+        if unknown:
+            raise ValueError(f"--trial.own-budget {' '.join(unknown)}: only certsdf has a wall-clock budget of its own")
 
     def method_extra_args(self, method: str) -> List[str]:
         out: List[str] = []
@@ -66,6 +79,9 @@ class TrialOptions:
             if name == method:
                 out += shlex.split(args)
         return out
+
+    def runs_own_budget(self, method: str) -> bool:
+        return method in self.own_budget
 
     def targets(self, budget_s: float, last_only: bool = False) -> List[float]:
         """The training times at which checkpoints are kept and evaluated."""
@@ -111,7 +127,7 @@ def run_trial(req: TrialRequest, opts: TrialOptions, out_dir: Path, device: str,
         "camera_res_scale_factor": scene.scale, "budget_s": req.budget_s, "settings": asdict(settings),
         "lpips": LPIPS_NOTE if spec.peer else "not used (certsdf skips LPIPS when its weights are not cached)",
         "checkpoint_loading": CHECKPOINT_NOTE if spec.peer else "torch.load defaults",
-        "eval_targets_s": targets, "n_test_views": opts.n_test_views,
+        "eval_targets_s": targets, "n_test_views": opts.n_test_views, "own_budget": opts.runs_own_budget(spec.name),
     }  # fmt: skip
     train_and_evaluate(req, opts, settings, targets, Path(out_dir), record, _evaluate_run, progress)
     return record
@@ -125,6 +141,7 @@ def train_and_evaluate(req: TrialRequest, opts: TrialOptions, settings: TrainSet
         req.spec, req.scene.path, settings, req.budget_s, out_dir, req.run_name, targets,
         grace_s=opts.grace_s, startup_timeout_s=opts.startup_timeout_s,
         on_progress=(lambda t: progress("train", t, req.budget_s)) if progress else None,
+        keep_first=opts.evaluate_first, own_budget=opts.runs_own_budget(req.spec.name),
     )  # fmt: skip
     record["training"] = run.to_json()
     record["status"], record["reason"] = run.status, run.reason
