@@ -210,14 +210,34 @@ def test_trained_grid(trained_run) -> None:
 
 
 def test_certified_sampler_matches_a_dense_reference(trained_run) -> None:
-    """The trained checkpoint's test views, rendered with the certified sampler (the default) and with a
-    dense uniform reference over the whole box (512 + 64 samples per ray): PSNRs within 0.1 dB."""
-    from certsdf_ns.bench.sampler_check import sampler_equivalence
+    """The trained checkpoint's test views, rendered with the certified sampler (the default).
+
+    What skipping changes, in the images: the same views rendered from the certified samples alone and
+    from those samples plus 512 dense ones in every skipped stretch differ by at most 2τ per pixel (the
+    certificate bounds each skipped stretch's opacity by τ, before and after the band); a band half as
+    wide breaks that bound, so the check can fail. And the PSNR: not lower than a dense uniform reference
+    over the whole box (512 + 64 samples per ray) by more than 0.1 dB. One-sided, because a reference with
+    other sample positions changes the colour quadrature as well (the renderer colours the 8 heaviest
+    samples per ray and gives the rest their weighted mean): on this checkpoint the certified render
+    scored 28.09 dB, the 512 + 64 reference 27.97, a converged one (1024 + 64, every sample coloured)
+    27.91 and the uniform sampler 27.95; a skipped surface would lower the certified render instead."""
+    from certsdf_ns.bench.evaluate import load_pipeline, test_views
+    from certsdf_ns.bench.sampler_check import sampler_equivalence, skipped_contribution
 
     result = sampler_equivalence(trained_run.config, trained_run.scene, scale_factor=1.0, n_views=4)
-    assert abs(result["certified_psnr"] - result["reference_psnr"]) <= 0.1, result
+    tau = result["band_opacity"]
+    assert result["skipped_max_rgb_change"] <= 2 * tau and result["skipped_max_accumulation_change"] <= 2 * tau, result
+    assert result["certified_psnr"] >= result["reference_psnr"] - 0.1, result
     assert result["certified_psnr"] > 20.0  # a real image, not two equal failures
     assert result["certified_lookups_mean"] < result["reference_lookups_mean"]
+
+    _, pipeline = load_pipeline(trained_run.config, trained_run.steps - 1)
+    model = pipeline.model.eval()
+    cameras, _ = test_views(trained_run.scene, 1.0, 1)
+    band = model.band()
+    model.band = lambda: 0.5 * band  # an uncertified march: skips stretches that hold density
+    too_narrow = skipped_contribution(model, cameras[0:1])
+    assert too_narrow["max_accumulation_change"] > 2 * tau, too_narrow
 
 
 def test_brick_map_is_exact() -> None:

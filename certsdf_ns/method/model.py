@@ -371,10 +371,14 @@ class CertSDFModel(Model):
 
     # -- rendering ---------------------------------------------------------------------
     def forward(self, ray_bundle):  # type: ignore[override]
+        return self.get_outputs(self.clip(ray_bundle))
+
+    def clip(self, ray_bundle: RayBundle) -> RayBundle:
+        """Nears and fars of the rays' stretch inside the scene box (and the object's region)."""
         ray_bundle = self.box_collider(ray_bundle)
         if self.region_collider is not None:
             ray_bundle = self.region_collider(ray_bundle)  # the region's ball lies inside the box
-        return self.get_outputs(ray_bundle)
+        return ray_bundle
 
     def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
         sdf_grid = self.field.geometry.sdf_grid()  # once per batch; differentiable while training
@@ -515,14 +519,33 @@ class CertSDFModel(Model):
     ) -> Dict[str, Tensor]:
         """Uniform samples over [nears, fars], then PDF samples from their weights (or `coarse_only`
         uniform samples and nothing else), rendered. In training also the fill prior's batch sum."""
-        field_ = self.field
+        samples = self.place_samples(ray_bundle, sdf_grid, budget, coarse_only)
+        outputs = self.render_samples(samples, sdf_grid, budget)
+        if not self.training:
+            # Density lookups per ray: the interval edges of each rendered pass (the bench's
+            # samples-per-ray distribution; the certified sampler adds its march).
+            passes = samples.shape[-1] + 1 + (0 if coarse_only else budget.coarse + 1)
+            outputs["sdf_lookups"] = torch.full_like(outputs["accumulation"], float(passes))
+        return outputs
+
+    def place_samples(
+        self, ray_bundle: RayBundle, sdf_grid: Tensor, budget: SampleBudget, coarse_only: int = 0
+    ) -> RaySamples:
+        """Contiguous samples over [nears, fars]: `budget.coarse` uniform ones, merged with
+        `budget.fine` drawn by nerfstudio's PDF sampler from their weights; or `coarse_only`
+        uniform samples alone."""
         if coarse_only:
-            samples = self.uniform_sampler(ray_bundle, num_samples=coarse_only)
-        else:
-            coarse = self.uniform_sampler(ray_bundle, num_samples=budget.coarse)
-            with torch.no_grad():
-                coarse_weights, _ = self.render_weights(coarse, sdf_grid.detach())
-            samples = self.pdf_sampler(ray_bundle, coarse, coarse_weights, num_samples=budget.fine)
+            return self.uniform_sampler(ray_bundle, num_samples=coarse_only)
+        coarse = self.uniform_sampler(ray_bundle, num_samples=budget.coarse)
+        with torch.no_grad():
+            coarse_weights, _ = self.render_weights(coarse, sdf_grid.detach())
+        return self.pdf_sampler(ray_bundle, coarse, coarse_weights, num_samples=budget.fine)
+
+    def render_samples(self, samples: RaySamples, sdf_grid: Tensor, budget: SampleBudget) -> Dict[str, Tensor]:
+        """Pixels from contiguous samples: weights from the density map, colour on the heaviest
+        `budget.colour` samples of each ray. In training also the fill prior's batch sum; outside
+        training normals, SDF and certified-SDF outputs."""
+        field_ = self.field
         positions = samples.frustums.get_positions()
         weights, transmittance = self.render_weights(samples, sdf_grid)
 
@@ -566,10 +589,6 @@ class CertSDFModel(Model):
                 sdf = field_.sdf_at(flat, sdf_grid).reshape(*positions.shape[:-1], 1)
                 outputs["sdf"] = (weights * sdf).sum(dim=-2) / accumulation.clamp_min(1e-6)
                 outputs["num_colour_samples"] = active.sum(dim=-1, keepdim=True).float()
-                # Density lookups per ray: the interval edges of each rendered pass (the bench's
-                # samples-per-ray distribution; the certified sampler adds its march).
-                passes = samples.shape[-1] + 1 + (0 if coarse_only else budget.coarse + 1)
-                outputs["sdf_lookups"] = torch.full_like(accumulation, float(passes))
                 outputs.update(ray_sdf_outputs(sdf, field_.geometry.max_distance, band=0.5 * self.voxel))
         return outputs
 
