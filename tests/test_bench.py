@@ -128,6 +128,31 @@ def test_quality_suite_tracks_images_and_meshes(tiny_scene: Path, tmp_path_facto
     assert "| test PSNR |" in md and f"| {record['evaluations'][-1]['psnr']:.2f} |" in md
 
 
+def test_certsdf_with_its_own_budget_plans_and_stops_itself(tiny_scene: Path, tmp_path_factory) -> None:
+    """`--trial.own-budget certsdf`: certsdf gets the budget as --max-train-minutes (as the plain command on
+    CPU), plans its schedules, stops by itself and saves; with --trial.no-evaluate-first only that last
+    checkpoint is evaluated, view by view."""
+    out = _bench("quality", tmp_path_factory.mktemp("bench"), "--scene-names", tiny_scene, "--methods", "certsdf",
+                 "--trial.eval-points", "1", "--trial.own-budget", "certsdf", "--trial.no-evaluate-first")  # fmt: skip
+    record = json.loads((out / f"certsdf_{tiny_scene.name}.json").read_text())
+    tr = record["training"]
+    assert record["status"] == "ok" and record["own_budget"], record["reason"]
+    assert tr["stopped_by"] == "own budget" and tr["returncode"] == 0
+    assert "--max-train-minutes" in tr["command"] and BUDGET_S * 0.8 <= tr["train_time_s"] <= BUDGET_S + 10
+    log = Path(tr["log_path"]).read_text(errors="replace")
+    assert "budget plan:" in log and "time budget reached after step" in log, log[-2000:]
+    (evaluation,) = record["evaluations"]
+    assert evaluation["step"] == max(c["step"] for c in tr["checkpoints"])
+    assert len(evaluation["psnr_per_view"]) == 1 and evaluation["psnr_per_view"][0] == pytest.approx(evaluation["psnr"])
+
+
+def test_own_budget_is_certsdf_only() -> None:
+    from certsdf_ns.bench.trial import TrialOptions
+
+    with pytest.raises(ValueError, match="only certsdf"):
+        TrialOptions(own_budget=("tensorf",))
+
+
 def test_sigma_suite_annealed_row(tiny_scene: Path, tmp_path_factory) -> None:
     """One annealed σ row (fixed rows are the same code with start = end; certsdf's default σ is
     fixed and runs in the other suites): σ replayed on load, certificate numbers, plots."""
@@ -210,6 +235,7 @@ def test_checkpoint_selection_keeps_latest_before_each_target() -> None:
     ckpts = [Checkpoint(s, f"{s}", s, float(t), float(t)) for s, t in enumerate([5, 20, 30, 49, 51, 99, 105])]
     kept = [c.train_time_s for c in select_checkpoints(ckpts, targets)]
     assert kept == [5, 20, 49, 99, 105]  # first, ≤25, ≤50, ≤100, last
+    assert [c.train_time_s for c in select_checkpoints(ckpts, targets, first=False)] == [20, 49, 99, 105]
 
 
 def test_time_to_threshold_interpolates_in_log_time() -> None:
