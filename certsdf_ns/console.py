@@ -24,7 +24,13 @@ def silence_known_noise() -> None:
     - tyro: "<class 'certsdf_ns…'> does not match any type in Union": certsdf's dataparser config
       is not one of nerfstudio's dataparser subcommands, by design (no subcommand is needed);
     - torch: "Using a non-tuple sequence for multidimensional indexing is deprecated", raised
-      inside nerfstudio's Cameras on every rendered image.
+      inside nerfstudio's Cameras on every rendered image;
+    - torch's FutureWarnings for `torch.jit.script` and `torch.cuda.amp.custom_fwd/custom_bwd`,
+      which nerfstudio's own modules use when its methods are imported. Under `ns-train` they come
+      before any plugin loads; certsdf's own commands (certsdf-export, certsdf-bench) call this
+      first, so they print nothing of it.
     """
     warnings.filterwarnings("ignore", message=r"<class 'certsdf_ns\..*'> does not match any type in Union")
     warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing is deprecated")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit\.script` is deprecated")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.cuda\.amp\.custom_(fwd|bwd)\(args\.\.\.\)` is deprecated")

@@ -178,9 +178,13 @@ def certsdf_export_dir(trained_run: TrainedRun, tmp_path_factory) -> Path:
         [ns("certsdf-export"), "--load-config", trained_run.config, "--output-dir", out,
          "--resolution", 128, "--obj", "--vertex-colours"],
         timeout=600,
+        # FutureWarnings shown (the suite otherwise hides warnings): nerfstudio's methods, imported to
+        # load the run, raise torch's jit/amp deprecations, which certsdf-export silences.
+        env_extra={"PYTHONWARNINGS": "always::FutureWarning"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "watertight" in proc.stdout
+    assert "FutureWarning" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
     return out
 
 

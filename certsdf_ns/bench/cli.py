@@ -23,6 +23,7 @@ from typing_extensions import Annotated
 from certsdf_ns.bench.real import RealConfig, run_real
 from certsdf_ns.bench.report import ReportConfig, run_report
 from certsdf_ns.bench.suites import QualityConfig, SigmaConfig, SpeedConfig, run_quality, run_sigma, run_speed
+from certsdf_ns.console import silence_known_noise
 from certsdf_ns.output_paths import OutputLocationError, check_writable_dir
 
 Commands = Union[
@@ -56,6 +57,7 @@ def _dispatch(cfg) -> list:
 
 
 def main() -> None:
+    silence_known_noise()  # before evaluation imports nerfstudio's methods
     tyro.extras.set_accent_color("bright_yellow")
     run(tyro.cli(Commands, description=__doc__))
 

@@ -75,7 +75,7 @@ def test_views(scene: Path, scale_factor: float, n_views: int) -> Tuple[object, 
 
 @torch.no_grad()
 def render_metrics(pipeline, cameras, images: Sequence[torch.Tensor], step: int) -> ImageMetrics:
-    from torchmetrics.functional import peak_signal_noise_ratio, structural_similarity_index_measure
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     model = pipeline.model
     model.eval()

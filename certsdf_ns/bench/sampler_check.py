@@ -37,7 +37,7 @@ REFERENCE = SampleBudget(coarse=512, fine=64, colour=8)
 
 @torch.no_grad()
 def _render(model, cameras, images) -> Dict[str, float]:
-    from torchmetrics.functional import peak_signal_noise_ratio, structural_similarity_index_measure
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     psnrs, ssims, lookups, preds = [], [], [], []
     t0 = time.perf_counter()

@@ -45,7 +45,7 @@ import yaml
 from jaxtyping import Float
 from rich.table import Table
 
-from certsdf_ns.console import CONSOLE
+from certsdf_ns.console import CONSOLE, silence_known_noise
 from certsdf_ns.certified import CertifiedSDFGrid
 from certsdf_ns.errors import CertSDFInputError
 from certsdf_ns.export.mesh import NoSurfaceError, check_lattice_args, extract_mesh, lattice_counts
@@ -286,6 +286,7 @@ def _print_summary(summary: dict) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `certsdf-export`."""
+    silence_known_noise()  # before the run's pipeline imports nerfstudio's methods
     cfg = tyro.cli(MeshExportConfig, args=argv)
     try:
         summary = export(cfg)
