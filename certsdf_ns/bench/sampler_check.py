@@ -1,11 +1,12 @@
 """The certified sampler against a dense reference, on a trained checkpoint (issue 15).
 
-    python -m certsdf_ns.bench.sampler_check CONFIG SCENE [--scale 0.25] [--views 5]
+    python -m certsdf_ns.bench.sampler_check CONFIG SCENE [--scale 0.25] [--views 5] [--reference 512 64 8]
 
 Renders the scene's first test views three times through the model's own `get_outputs_for_camera`:
 with the certified sampler (the default: samples only inside each ray's band), with the uniform sampler
 at the configured budget (the same samples spread over the whole box: no skipping), and with a dense
-reference, the uniform sampler over the whole box with `REFERENCE` samples per ray. Reports PSNR and SSIM of each
+reference, the uniform sampler over the whole box with `REFERENCE` samples per ray (`--reference
+COARSE FINE COLOUR`: e.g. 1024 64 1088 colours every sample, the converged rendering). Reports PSNR and SSIM of each
 against the ground truth, the PSNR between the two renders, the time per image, and the distribution
 of SDF lookups per ray (march steps + samples; mean and p95).
 
@@ -99,7 +100,9 @@ def skipped_contribution(model, camera, dense: int = 512) -> Dict[str, float]:
             "rays": len(bundle), "rays_reaching_band": int(hit.numel()), "band_opacity": model.config.band_opacity}  # fmt: skip
 
 
-def sampler_equivalence(config: Path, scene: Path, scale_factor: float = 1.0, n_views: int = 5) -> Dict[str, float]:
+def sampler_equivalence(
+    config: Path, scene: Path, scale_factor: float = 1.0, n_views: int = 5, reference_budget: SampleBudget = REFERENCE
+) -> Dict[str, float]:
     step = int(latest_checkpoint(Path(config).parent / "nerfstudio_models").stem.split("-")[1])
     _, pipeline = load_pipeline(Path(config), step)
     model = pipeline.model.eval()
@@ -111,7 +114,7 @@ def sampler_equivalence(config: Path, scene: Path, scale_factor: float = 1.0, n_
         certified = _render(model, cameras, images)
         cfg.sampler = "uniform"
         uniform = _render(model, cameras, images)
-        model.set_sample_budget_hook(lambda configured: REFERENCE)
+        model.set_sample_budget_hook(lambda configured: reference_budget)
         reference = _render(model, cameras, images)
     finally:
         cfg.sampler = saved
@@ -139,8 +142,11 @@ def main() -> None:
     parser.add_argument("scene", type=Path)
     parser.add_argument("--scale", type=float, default=1.0, help="camera-res-scale-factor of the test views")
     parser.add_argument("--views", type=int, default=5)
+    parser.add_argument("--reference", type=int, nargs=3, default=[REFERENCE.coarse, REFERENCE.fine, REFERENCE.colour],
+                        metavar=("COARSE", "FINE", "COLOUR"), help="samples per ray of the dense reference")  # fmt: skip
     args = parser.parse_args()
-    print(json.dumps(sampler_equivalence(args.config, args.scene, args.scale, args.views), indent=1))
+    result = sampler_equivalence(args.config, args.scene, args.scale, args.views, SampleBudget(*args.reference))
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
