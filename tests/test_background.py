@@ -59,6 +59,22 @@ def test_region_from_cameras_is_the_ball_they_look_at() -> None:
     assert radius == pytest.approx(3.0 * math.sin(math.atan(150.0 / 300.0)), rel=1e-5)
 
 
+def test_sparse_points_tighten_the_camera_ball_but_never_widen_or_move_it() -> None:
+    from certsdf_ns.data.region import SPARSE_MARGIN, tighten_to_points
+
+    g = torch.Generator().manual_seed(3)
+    centre, radius = torch.tensor([0.1, -0.2, 0.3]), 1.0
+    on_object = centre + 0.3 * torch.nn.functional.normalize(torch.randn(2000, 3, generator=g), dim=-1)
+    far_away = centre + 5.0 * torch.nn.functional.normalize(torch.randn(500, 3, generator=g), dim=-1)  # the room
+    strays = centre + 0.9 * torch.rand(10, 1, generator=g) * torch.nn.functional.normalize(torch.randn(10, 3, generator=g), dim=-1)
+    c, r = tighten_to_points((centre, radius), torch.cat([on_object, far_away, strays]))
+    torch.testing.assert_close(c, centre)
+    assert r == pytest.approx(0.3 * SPARSE_MARGIN, rel=1e-3)  # the 2% quantile drops the strays
+    filling = centre + torch.rand(3000, 1, generator=g) ** (1 / 3) * torch.nn.functional.normalize(torch.randn(3000, 3, generator=g), dim=-1)
+    assert tighten_to_points((centre, radius), filling)[1] == radius  # structure everywhere: not widened either
+    assert tighten_to_points((centre, radius), on_object[:50])[1] == radius  # too few points to say
+
+
 def test_region_option_is_given_in_the_scenes_own_frame() -> None:
     """x_ns = scale·(T·[x; 1]): a ball set in the data's frame lands where nerfstudio put the cameras."""
     angle = 0.7

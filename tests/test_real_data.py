@@ -28,7 +28,7 @@ from conftest import SHARED, ns, run_cli
 from certsdf_ns.data.datamanager import CertSDFDataset
 from certsdf_ns.data.dataparser import CertSDFDataParserConfig, DataFormatError, detect_format
 from certsdf_ns.data.neus import decompose_projection, opencv_to_opengl, world_to_sphere
-from certsdf_ns.data.validation import FOREGROUND_MASKS_KEY, MASK_BATCH_KEY, REAL_CAPTURE_KEY
+from certsdf_ns.data.validation import FOREGROUND_MASKS_KEY, MASK_BATCH_KEY, REAL_CAPTURE_KEY, REGION_KEY
 from certsdf_ns.export.mesh_export import read_dataparser_transform, to_original_frame
 
 REAL = SHARED / "real"
@@ -427,6 +427,55 @@ def test_colmap_lens_distortion_reaches_nerfstudio_cameras(cup, tmp_path) -> Non
     assert len(val.image_filenames) == 10  # views 0, 8, …, 72
     torch.testing.assert_close(train.cameras.distortion_params[0], torch.tensor([-0.05, 0.01, 0.0, 0.0, 0.002, -0.001]))
     assert train.metadata[REAL_CAPTURE_KEY] is True and "points3D_xyz" not in train.metadata
+
+
+def _points_around_the_region(outputs, fraction: float, n: int = 600) -> np.ndarray:
+    """n points on a sphere of `fraction` region radii around the region's centre, in the scene's own
+    frame (the dataparser maps x to scale · (T[:, :3] x + T[:, 3]))."""
+    cx, cy, cz, radius = outputs.metadata[REGION_KEY].tolist()
+    rng = np.random.default_rng(5)
+    d = rng.normal(size=(n, 3))
+    ns_points = np.array([cx, cy, cz]) + fraction * radius * d / np.linalg.norm(d, axis=1, keepdims=True)
+    t = outputs.dataparser_transform.double().numpy()
+    return (ns_points / outputs.dataparser_scale - t[:, 3]) @ np.linalg.inv(t[:, :3]).T
+
+
+def _assert_tightened(plain, tightened, fraction: float) -> None:
+    from certsdf_ns.data.region import SPARSE_MARGIN
+
+    before, after = plain.metadata[REGION_KEY], tightened.metadata[REGION_KEY]
+    torch.testing.assert_close(after[:3], before[:3], atol=1e-4, rtol=0)  # the centre stays
+    assert float(after[3]) == pytest.approx(fraction * SPARSE_MARGIN * float(before[3]), rel=1e-3)
+    torch.testing.assert_close(tightened.scene_box.aabb, torch.stack([after[:3] - after[3], after[:3] + after[3]]))
+
+
+@needs_real
+def test_colmap_sparse_points_tighten_the_region(cup, tmp_path, capsys) -> None:
+    """A COLMAP model with points3D: the ball the cameras look at shrinks to the points it holds."""
+    from nerfstudio.data.utils import colmap_parsing_utils as colmap_utils
+
+    plain = CertSDFDataParserConfig(data=cup).setup().get_dataparser_outputs("train")
+    data = tmp_path / "cup"
+    shutil.copytree(cup, data)
+    points = {i + 1: colmap_utils.Point3D(i + 1, xyz, np.array([128, 128, 128]), 0.5, np.array([1, 2]), np.array([0, 0]))
+              for i, xyz in enumerate(_points_around_the_region(plain, 0.4))}  # fmt: skip
+    colmap_utils.write_points3D_binary(points, data / "sparse" / "0" / "points3D.bin")
+    capsys.readouterr()
+    tightened = CertSDFDataParserConfig(data=data).setup().get_dataparser_outputs("train")
+    assert len(tightened.metadata["points3D_xyz"]) == len(points)
+    _assert_tightened(plain, tightened, 0.4)
+    assert "tightened from radius" in " ".join(capsys.readouterr().out.split())
+
+
+def test_sparse_ply_of_ns_process_data_tightens_the_region(fruit, tmp_path) -> None:
+    """transforms.json naming a sparse point cloud (ns-process-data's ply_file_path) does the same."""
+    plain = CertSDFDataParserConfig(data=fruit).setup().get_dataparser_outputs("train")
+    data = tmp_path / "fruit"
+    shutil.copytree(fruit, data)
+    trimesh.PointCloud(_points_around_the_region(plain, 0.5)).export(data / "sparse_pc.ply")
+    meta = json.loads((data / "transforms.json").read_text())
+    (data / "transforms.json").write_text(json.dumps({**meta, "ply_file_path": "sparse_pc.ply"}))
+    _assert_tightened(plain, CertSDFDataParserConfig(data=data).setup().get_dataparser_outputs("train"), 0.5)
 
 
 def test_blender_layout_photographs_are_flagged_as_real_captures(tmp_path) -> None:

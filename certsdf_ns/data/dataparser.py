@@ -29,7 +29,7 @@ from nerfstudio.data.scene_box import SceneBox
 
 from certsdf_ns.console import log, warn
 from certsdf_ns.data.neus import NEUS_CAMERAS, NeuSDataParserConfig, validate_neus
-from certsdf_ns.data.region import Region, region_box, region_from_cameras, region_to_dataparser_frame
+from certsdf_ns.data.region import Region, region_box, region_from_cameras, region_to_dataparser_frame, tighten_to_points
 from certsdf_ns.data.validation import (
     BACKGROUND_KEY,
     FOREGROUND_MASKS_KEY,
@@ -103,6 +103,17 @@ def detect_format(data: Path) -> Format:
         f"{data} (holding {found}) matches none of the formats certsdf reads, so it cannot tell how to read it. "
         f"It needs: {formats}."
     )
+
+
+def has_sparse_ply(data: Path) -> bool:
+    """Whether a nerfstudio scene (folder or transforms.json) names a sparse point cloud that exists
+    (`ply_file_path`, written by ns-process-data)."""
+    meta_path = data if data.suffix == ".json" else data / "transforms.json"
+    try:
+        ply = json.loads(meta_path.read_text()).get("ply_file_path")
+    except (OSError, ValueError, AttributeError):
+        return False  # the input checks report what is wrong with the file
+    return isinstance(ply, str) and (meta_path.parent / ply).is_file()
 
 
 def load_preset(fmt: Format, preset_dir: Path = PRESET_DIR) -> Dict[str, Any]:
@@ -191,7 +202,9 @@ class CertSDFDataParser(DataParser):
             if fmt == "blender":
                 parser = BlenderWithValFallbackConfig(data=data, **preset).setup()
             elif fmt == "nerfstudio":
-                parser = NerfstudioDataParserConfig(data=data, **preset).setup()
+                # The sparse points of ns-process-data (ply_file_path) tighten the region; without that
+                # file nerfstudio's loader would ask on the console whether to convert COLMAP's points.
+                parser = NerfstudioDataParserConfig(data=data, load_3D_points=has_sparse_ply(data), **preset).setup()
             elif fmt == "neus":
                 parser = NeuSDataParserConfig(data=data, eval_every=self.config.eval_every, **preset).setup()
             else:
@@ -288,6 +301,12 @@ class CertSDFDataParser(DataParser):
         elif real:
             train = outputs if split == "train" else self.delegate().get_dataparser_outputs("train")
             region, why = region_from_cameras(train.cameras), "the ball the training cameras look at"
+            points = train.metadata.get("points3D_xyz")
+            if points is not None:
+                tightened = tighten_to_points(region, points)
+                if tightened[1] < region[1]:
+                    why += f", tightened from radius {region[1]:.3f} to the {len(points)} sparse points"
+                    region = tightened
         else:
             return None
         centre, radius = region

@@ -13,7 +13,10 @@ Where it comes from (:func:`region_from_cameras` unless the data says or the use
   object-centric capture points every camera at the object and keeps it in frame, so the
   centre is nerfstudio's `focus_of_attention` (the point nearest to all optical axes, from
   cameras that face it), and the radius is the largest ball around it that the median camera
-  sees whole: median distance · sin(half of the narrower field of view);
+  sees whole: median distance · sin(half of the narrower field of view). When the capture comes
+  with sparse structure-from-motion points (COLMAP's `points3D`, or the `ply_file_path` of an
+  ns-process-data `transforms.json`), that ball is tightened around them
+  (:func:`tighten_to_points`): a smaller box gives the same grid finer voxels on the object;
 - `--pipeline.datamanager.dataparser.region CX CY CZ R` overrides both, in the scene's own frame.
 """
 
@@ -42,6 +45,31 @@ def region_from_cameras(cameras: Cameras) -> Region:
     half_fov = torch.atan(torch.minimum(width / (2.0 * fx), height / (2.0 * fy)))
     radius = float(torch.median(distance) * torch.sin(torch.median(half_fov)))
     return centre, radius
+
+
+SPARSE_MIN_POINTS = 100
+"""Fewer sparse points inside the camera ball than this say too little about the object's extent."""
+SPARSE_QUANTILE = 0.98
+"""The ball keeps this fraction of the sparse points it holds (the rest: outliers, stray matches)..."""
+SPARSE_MARGIN = 1.1
+"""...with this much room around them, for the parts of the object that have no points (no texture)."""
+
+
+def tighten_to_points(region: Region, points: Float[Tensor, "N 3"]) -> Region:
+    """The ball the cameras look at, shrunk to the sparse points it holds: radius
+    min(r, SPARSE_MARGIN · the SPARSE_QUANTILE quantile of their distances to the centre).
+
+    It only shrinks, and keeps the centre: the points inside the camera ball include what the object
+    stands on, and a capture's points can be lopsided (one side textured, the other not), so they
+    decide how far the structure reaches, not where the object is. Fewer than SPARSE_MIN_POINTS points
+    inside leave the ball as it is."""
+    centre, radius = region
+    distance = (points.float() - centre).norm(dim=-1)
+    inside = distance[distance < radius]
+    if inside.numel() < SPARSE_MIN_POINTS:
+        return region
+    reach = float(torch.quantile(inside, SPARSE_QUANTILE))
+    return centre, min(radius, SPARSE_MARGIN * reach)
 
 
 def region_to_dataparser_frame(
