@@ -206,6 +206,29 @@ def test_report_tables_carry_the_ratios(tmp_path: Path) -> None:
     assert (tmp_path / "quality" / "summary.md").read_text() == out["quality"]
 
 
+def test_report_compares_runs_of_several_folders_on_their_common_views(tmp_path: Path) -> None:
+    """`certsdf-bench report --compare A B`: one row per evaluation of every run, in budget order, and the
+    PSNR over the first views that all runs rendered (here 2 of certsdf's 3)."""
+    from certsdf_ns.bench.report import compare_markdown
+
+    def run(folder: str, method: str, budget: float, own: bool, evals: list) -> None:
+        (tmp_path / folder / "quality").mkdir(parents=True)
+        record = {"method": method, "budget_s": budget, "own_budget": own,
+                  "training": {"checkpoints": [{"step": e["step"], "iterations": e["step"]} for e in evals],
+                               "rays_per_sec": 4000.0, "peak_rss_mb": 2048.0, "mean_load_1m": 2.0},
+                  "evaluations": evals}  # fmt: skip
+        (tmp_path / folder / "quality" / f"{method}_lego.json").write_text(json.dumps(record))
+
+    run("peer", "tensorf", 1800.0, False, [{"step": 9, "train_time_s": 600.0, "psnr": 20.0, "ssim": 0.8, "n_views": 2,
+                                             "render_s": 4.0, "psnr_per_view": [19.0, 21.0]}])  # fmt: skip
+    run("ours", "certsdf", 600.0, True, [{"step": 12, "train_time_s": 599.0, "psnr": 25.0, "ssim": 0.9, "n_views": 3,
+                                          "render_s": 3.0, "psnr_per_view": [24.0, 26.0, 25.0]}])  # fmt: skip
+    lines = compare_markdown([tmp_path / "peer", tmp_path / "ours"]).splitlines()
+    assert "PSNR, first 2 views" in lines[0]
+    assert lines[2].startswith("| certsdf | 10 min (own) | 10.0 | 12 | 25.00 | 0.900 | 3 | 25.00 | 1.0 | 4000 | 2.00 |")
+    assert lines[3].startswith("| tensorf | 30 min | 10.0 | 9 | 20.00 | 0.800 | 2 | 20.00 | 2.0 |")
+
+
 def test_lpips_stub_and_numpy_checkpoint_allow_list(tmp_path: Path) -> None:
     from certsdf_ns.bench.offline import LpipsStub, prepare_offline_peers
 

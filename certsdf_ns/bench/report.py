@@ -2,6 +2,9 @@
 
 `certsdf-bench report --results-dir DIR` rewrites `DIR/<suite>/summary.md` for every suite found
 there and prints the tables, so each figure in the README traces back to one results folder.
+`certsdf-bench report --compare DIR ...` prints one table of the quality runs of several folders (e.g.
+one certsdf run per budget beside one long run of each peer), with the PSNR also over the test views
+that every run rendered.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from certsdf_ns.bench.results import _finite, plot_quality, plot_real
 
@@ -22,6 +25,8 @@ class ReportConfig:
 
     results_dir: Path = Path("bench_results")
     """A results root as given to the suites (reads RESULTS_DIR/<suite>/suite.json)."""
+    compare: Tuple[Path, ...] = ()
+    """Instead: results roots whose quality runs go into one table (RESULTS_DIR/quality/<run>.json each)."""
 
 
 def _num(v, fmt: str) -> str:
@@ -192,9 +197,43 @@ def write_report(results_dir: Path) -> Dict[str, str]:
     return written
 
 
+def compare_markdown(results_dirs: Sequence[Path]) -> str:
+    """One row per evaluated checkpoint of every quality run under the folders, in budget and time order:
+    steps, PSNR/SSIM over the run's test views and over the first k views that every run rendered (k the
+    fewest), render time, train rays/s, peak RSS, mean load, and whether the method ran its own budget."""
+    runs = []
+    for folder in results_dirs:
+        runs += [json.loads(p.read_text()) for p in sorted((Path(folder) / "quality").glob("*.json")) if p.name != "suite.json"]
+    runs = [r for r in runs if r.get("evaluations")]
+    if not runs:
+        raise ValueError(f"no evaluated quality run under {', '.join(str(d) for d in results_dirs)}")
+    common = min(len(e.get("psnr_per_view") or []) for r in runs for e in r["evaluations"])
+    body = []
+    for r in sorted(runs, key=lambda r: (r["budget_s"], r["method"])):
+        tr = r["training"]
+        steps = {c["step"]: c["iterations"] for c in tr.get("checkpoints", [])}
+        for e in r["evaluations"]:
+            first = (e.get("psnr_per_view") or [])[:common]
+            body.append([r["method"], f"{r['budget_s'] / 60:g} min" + (" (own)" if r.get("own_budget") else ""),
+                         _num(e["train_time_s"] / 60, ".1f"), str(steps.get(e["step"], "–")), _num(e["psnr"], ".2f"),
+                         _num(e["ssim"], ".3f"), str(e["n_views"]), _num(sum(first) / len(first), ".2f") if first else "–",
+                         _num(e["render_s"] / e["n_views"], ".1f"), _num(tr.get("rays_per_sec"), ".0f"),
+                         _num(tr.get("peak_rss_mb", float("nan")) / 1024, ".2f"), _num(tr.get("mean_load_1m"), ".2f")])  # fmt: skip
+    head = ["method", "budget", "evaluated at (min)", "steps", "PSNR", "SSIM", "views", f"PSNR, first {common} views",
+            "render s / view", "train rays/s", "peak RSS (GB)", "mean load"]  # fmt: skip
+    return _table(head, body)
+
+
 def run_report(cfg: ReportConfig) -> Optional[List[str]]:
     from nerfstudio.utils.rich_utils import CONSOLE
 
+    if cfg.compare:
+        try:
+            print(compare_markdown(cfg.compare))
+        except ValueError as exc:
+            CONSOLE.print(f"certsdf-bench report: {exc}", markup=False)
+            raise SystemExit(2)
+        return None
     written = write_report(cfg.results_dir)
     if not written:
         CONSOLE.print(f"certsdf-bench report: no suite.json under {cfg.results_dir}/{{{','.join(SUITES)}}}", markup=False)
