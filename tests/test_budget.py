@@ -156,6 +156,27 @@ def test_anneal_follows_the_plan() -> None:
     assert model.scheduled_smoothing(600)[0] == pytest.approx(1.0)
 
 
+def test_plan_is_timed_after_the_density_maps_warm_up() -> None:
+    """By default the plan's timing window is the 20 steps after the density map's warm-up and blend
+    (their fog steps are slow: timed on them, a 10-minute lego run fitted its schedules to 419 of 686
+    steps); an explicit --budget-warmup-steps sets the end of the window."""
+    from types import SimpleNamespace
+
+    from certsdf_ns.method_config import certsdf_trainer_config
+    from certsdf_ns.training.trainer import CertSDFTrainer
+
+    def window(model: CertSDFModelConfig, **changes):
+        fake = SimpleNamespace(config=dataclasses.replace(certsdf_trainer_config, **changes),
+                               pipeline=SimpleNamespace(model=SimpleNamespace(config=model)))  # fmt: skip
+        return CertSDFTrainer.budget_timing_window(fake)
+
+    synthetic = CertSDFModelConfig(unbiased_warmup_steps=20)  # as the model resolves it without a background
+    assert window(synthetic) == (40, 60)
+    assert window(CertSDFModelConfig(unbiased_warmup_steps=100)) == (120, 140)  # real captures
+    assert window(CertSDFModelConfig(density_map="paper")) == (2, 20)
+    assert window(synthetic, budget_warmup_steps=3) == (2, 3)
+
+
 def test_cpu_default_budget_applies_only_to_the_plain_command() -> None:
     from certsdf_ns.method_config import certsdf_trainer_config
 
