@@ -7,6 +7,7 @@ trains once. The run goes through the real CLI as a subprocess.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -75,3 +76,10 @@ def trained_run(tiny_scene: Path, tmp_path_factory) -> TrainedRun:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = out / "e2e" / "certsdf" / "run"
     return TrainedRun(tiny_scene, run_dir / "config.yml", run_dir / "nerfstudio_models", steps, proc.stdout)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a viser server or a viewer)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

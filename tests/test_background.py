@@ -16,7 +16,7 @@ import pytest
 import torch
 import trimesh
 
-from conftest import TINY_TRAIN_ARGS, ns, run_cli
+from conftest import TINY_TRAIN_ARGS, free_port, ns, run_cli
 
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.cameras.rays import RayBundle
@@ -225,6 +225,60 @@ def test_rendered_views_show_the_background_in_rgb_and_the_region_alone_in_the_s
     assert float(outputs["rgb_background"][corner].sum()) > 0.1  # the background model's colour, not black
     # The SDF view along the corner ray: the smallest certified distance met, positive (no surface there).
     assert float(outputs["ray_min_sdf"][corner].min()) > 0.0
+
+
+def test_viewer_panel_on_a_real_capture_meshes_and_slices_the_region_alone() -> None:
+    """The certsdf panel on a real capture's model, installed as nerfstudio's viewer does: Extract mesh
+    gives the object inside the region (no wall at the region's edge: the grid is empty outside the
+    ball), and the SDF slice covers the region's box."""
+    from types import SimpleNamespace
+
+    import viser
+    from nerfstudio.viewer.utils import parse_object
+    from nerfstudio.viewer.viewer_elements import ViewerControl, ViewerElement
+
+    from certsdf_ns.viewer.controls import CertSDFViewerControls
+
+    model = _region_model()
+    with torch.no_grad():
+        model.field.geometry.set_occupancy((model.field.geometry.grid_points().norm(dim=-1) < 0.4).float())
+
+    class PipelineLike(torch.nn.Module):  # what the viewer walks: the model and the panel the pipeline owns
+        def __init__(self) -> None:
+            super().__init__()
+            self._model, self.viewer_controls = model, CertSDFViewerControls(model)
+
+        @property
+        def model(self):
+            return self._model
+
+    pipeline = PipelineLike()
+    server = viser.ViserServer(host="127.0.0.1", port=free_port(), verbose=False)
+    calls = {"add_mesh_simple": [], "add_image": []}  # what the panel draws, recorded and drawn
+    for name, recorded in calls.items():
+
+        def record(*args, _draw=getattr(server.scene, name), _recorded=recorded, **kwargs):
+            _recorded.append((args, kwargs))
+            return _draw(*args, **kwargs)
+
+        setattr(server.scene, name, record)
+    try:
+        for _, element in parse_object(pipeline, ViewerElement, "Custom Elements"):
+            element.install(server)
+        for _, control in parse_object(pipeline, ViewerControl, "Custom Elements"):
+            control._setup(SimpleNamespace(viser_server=server, config=SimpleNamespace(websocket_host="127.0.0.1")))
+        controls = pipeline.viewer_controls
+        controls.c6_mesh_extract.cb_hook(controls.c6_mesh_extract)
+        (_, kw), = calls["add_mesh_simple"]
+        radii = np.linalg.norm(kw["vertices"] / 10.0, axis=1)  # viser units are world x 10
+        voxel = 2.0 / 23
+        assert len(kw["faces"]) > 100 and np.abs(radii - 0.4).max() < 2 * voxel  # the object, and nothing at radius 1
+        controls.c3_slice_show.gui_handle._impl.value = True
+        controls.c3_slice_show.cb_hook(controls.c3_slice_show)
+        (_, image), kw = calls["add_image"][-1]
+        assert kw["render_width"] == pytest.approx(20.0) and (image.sum(-1) == 0).any()  # the region's box, a zero contour
+    finally:
+        server.stop()
 
 
 def test_region_option_moves_the_grid_and_a_bad_radius_is_refused(room_scene: Path, capsys) -> None:

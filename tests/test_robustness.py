@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SHARED, TrainedRun, ns, run_cli
+from conftest import SHARED, TrainedRun, free_port, ns, run_cli
 
 from certsdf_ns.certified import CertifiedSDFGrid, certified_sdf_from_smoothed, smooth_occupancy
 from certsdf_ns.method.model import CertSDFModelConfig
@@ -354,18 +353,12 @@ def test_default_viewer_bind_is_loopback() -> None:
     assert certsdf_trainer_config.viewer.websocket_host == "127.0.0.1"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_viewer_listens_on_loopback_only(scene32, tmp_path) -> None:
     """A real `ns-train certsdf --vis viewer`: its websocket port listens on 127.0.0.1 and on no
     wildcard address (0.0.0.0 / ::)."""
     import psutil
 
-    port = _free_port()
+    port = free_port()
     cmd = [ns("ns-train"), "certsdf", "--data", scene32, "--output-dir", tmp_path, "--vis", "viewer",
            "--viewer.websocket-port", port, "--max-num-iterations", 2000, *TINY_MODEL]  # fmt: skip
     log = open(tmp_path / "viewer.log", "w")

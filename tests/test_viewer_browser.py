@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_TRAIN_ARGS, TrainedRun, ns
+from conftest import TINY_TRAIN_ARGS, TrainedRun, free_port, ns
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -46,12 +46,6 @@ STEP_S = 90  # any single wait for the viewer after that
 # func_only: the bound is for the test body; the shared trained_run fixture (a 300-step
 # ns-train, reused by the other end-to-end tests) is not part of this test's cost.
 pytestmark = pytest.mark.timeout(600, func_only=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ViewerProcess:

@@ -8,7 +8,6 @@ The browser test (test_viewer_browser.py) covers the real client end to end.
 
 from __future__ import annotations
 
-import socket
 import time
 from types import SimpleNamespace
 
@@ -16,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 import viser
+
+from conftest import free_port
 
 from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.viewer.utils import parse_object
@@ -62,12 +63,6 @@ def train_step(pipeline: PipelineLike, step: int) -> None:
     """One training iteration's callbacks: the model's schedule before, the panel's after."""
     pipeline.model.set_schedule_step(step)
     pipeline.viewer_controls.after_train_step(step)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Recorder:
