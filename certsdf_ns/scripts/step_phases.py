@@ -1,7 +1,7 @@
 """Where a certsdf training step goes: data, forward, losses, backward, optimizer (wall-clock, ms).
 
     OMP_NUM_THREADS=1 taskset -c 1 python certsdf_ns/scripts/step_phases.py DATA [--scale 0.25] \
-        [--checkpoint CKPT --start-step N] [--warmup 5] [--steps 5] [--profile] [model_option=value ...]
+        [--checkpoint CKPT --start-step N] [--rays 4096] [--warmup 5] [--steps 5] [--profile] [model_option=value ...]
 
 Builds the `ns-train certsdf` pipeline on DATA (camera-res-scale-factor --scale), optionally loads a
 checkpoint (so the grid is a trained one, not fog), runs `--warmup` untimed steps and then times
@@ -11,6 +11,7 @@ against the box chord, and the march's SDF lookups per ray (mean, p95). Model op
 `name=value` (e.g. `sampler=uniform`).
 """
 import argparse
+import contextlib
 import copy
 import os
 import time
@@ -25,6 +26,7 @@ parser.add_argument("data", type=Path)
 parser.add_argument("--scale", type=float, default=0.25)
 parser.add_argument("--checkpoint", type=Path)
 parser.add_argument("--start-step", type=int, default=0)
+parser.add_argument("--rays", type=int, default=4096, help="training rays per batch")
 parser.add_argument("--warmup", type=int, default=5)
 parser.add_argument("--steps", type=int, default=5)
 parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of the timed steps")
@@ -36,6 +38,7 @@ cfg = copy.deepcopy(certsdf_trainer_config)
 cfg.pipeline.datamanager.data = args.data
 cfg.pipeline.datamanager.dataparser.data = args.data
 cfg.pipeline.datamanager.camera_res_scale_factor = args.scale
+cfg.pipeline.datamanager.train_num_rays_per_batch = args.rays
 for option in args.options:
     name, value = option.split("=")
     current = getattr(cfg.pipeline.model, name)
@@ -74,13 +77,13 @@ def step(i: int, timed: bool) -> None:
 
 for i in range(args.start_step, args.start_step + args.warmup):
     step(i, False)
-with torch.profiler.profile(enabled=args.profile) as profile:
+with torch.profiler.profile() if args.profile else contextlib.nullcontext() as profile:
     for i in range(args.start_step + args.warmup, args.start_step + args.warmup + args.steps):
         step(i, True)
 if args.profile:
     print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 total = sum(totals.values()) / args.steps
-print(f"step {total * 1000:.0f} ms (load {os.getloadavg()[0]:.1f}): " + ", ".join(f"{k} {v / args.steps * 1000:.0f} ms" for k, v in totals.items()))
+print(f"{args.rays} rays: {args.rays / total:.0f} rays/s; step {total * 1000:.0f} ms (load {os.getloadavg()[0]:.1f}): " + ", ".join(f"{k} {v / args.steps * 1000:.0f} ms" for k, v in totals.items()))
 if model.config.sampler == "certified":
     ray_bundle, _ = pipeline.datamanager.next_train(0)
     ray_bundle = model.box_collider(ray_bundle)
