@@ -522,6 +522,7 @@ BAD = [
     ("neus-mask-count", "dtu", lambda d: (d / "mask" / "017.png").unlink(), ["/mask holds 48 masks", "/image holds 49 images"]),  # fmt: skip
     ("neus-mask-size", "dtu", lambda d: _shrink(d / "mask" / "005.png"), ["mask", "005.png is 40x30", "000005.png is 80x60"]),  # fmt: skip
     ("colmap-no-images-bin", "cup", lambda d: (d / "sparse" / "0" / "images.bin").unlink(), ["sparse/0/images.bin does not exist"]),  # fmt: skip
+    ("colmap-bad-points3d", "cup", lambda d: (d / "sparse" / "0" / "points3D.bin").write_bytes(b"\xff" * 100), ["sparse/0/points3D.bin: the sparse points cannot be read", "They are optional"]),  # fmt: skip
     ("colmap-missing-image", "cup", lambda d: (d / "images" / "12.jpg").unlink(), ["sparse/0/images.bin, image", "('12.jpg')", "images/12.jpg does not exist"]),  # fmt: skip
 ]
 GOOD = {"dtu": 5, "fruit": 2, "cup": 2}  # scene: training steps

@@ -416,6 +416,7 @@ def validate_colmap(data: Path, model_dir: Path, images_dir: Path) -> SplitRepor
         raise CertSDFInputError(f"{model_dir}: the COLMAP model cannot be read ({type(err).__name__}: {err}).") from err
     if not images:
         raise CertSDFInputError(f"{images_file} registers no images: nothing to train on.")
+    check_colmap_points(model_dir)
     # nerfstudio's parser converts every camera (unsupported models raise deep inside it) and
     # asserts one model for the whole scene; both are checked here to name the file instead.
     from nerfstudio.process_data.colmap_utils import parse_colmap_camera_params
@@ -446,6 +447,24 @@ def validate_colmap(data: Path, model_dir: Path, images_dir: Path) -> SplitRepor
             )
         files.append(images_dir / entry.name)
     return SplitReport(transforms=images_file, image_files=files, has_alpha=False)
+
+
+def check_colmap_points(model_dir: Path) -> None:
+    """The optional sparse points (points3D.bin or .txt), which the dataparser loads when present: a file
+    that cannot be read is named, with the way out (they are optional)."""
+    from nerfstudio.data.utils import colmap_parsing_utils as colmap_utils
+
+    for path, read in ((model_dir / "points3D.bin", colmap_utils.read_points3D_binary), (model_dir / "points3D.txt", colmap_utils.read_points3D_text)):
+        if not path.is_file():
+            continue
+        try:
+            read(path)
+        except (OSError, ValueError, KeyError, IndexError, OverflowError, MemoryError, struct_error) as err:
+            raise CertSDFInputError(
+                f"{path}: the sparse points cannot be read ({type(err).__name__}: {err}). They are optional: "
+                "move the file away to train without them."
+            ) from err
+        return
 
 
 def check_colmap_masks(report: SplitReport, masks_dir: Path, single_channel: bool) -> None:
