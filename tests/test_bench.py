@@ -229,6 +229,29 @@ def test_report_compares_runs_of_several_folders_on_their_common_views(tmp_path:
     assert lines[3].startswith("| tensorf | 30 min | 10.0 | 9 | 20.00 | 0.800 | 2 | 20.00 | 2.0 |")
 
 
+def test_report_compares_real_runs_of_several_folders_on_their_shared_views(tmp_path: Path) -> None:
+    """`certsdf-bench report --compare A B` on real-capture runs: one table per scene across the folders, and,
+    when the runs rendered different held-out views, the PSNR over the views they share (here 0 and 8)."""
+    from certsdf_ns.bench.report import compare_real_markdown
+
+    def run(folder: str, method: str, views: dict) -> None:
+        (tmp_path / folder / "real").mkdir(parents=True, exist_ok=True)
+        evals = [{"step": 10, "iterations": 10, "train_time_s": 900.0, "psnr": sum(views.values()) / len(views),
+                  "psnr_masked": float("nan"), "ssim": 0.8, "n_views": len(views), "render_s_per_view": 2.0,
+                  "views": [{"view": k, "psnr": v} for k, v in views.items()]}]  # fmt: skip
+        record = {"method": method, "scene": "dtu_nomasks", "status": "ok", "reason": "", "training": {"rays_per_sec": 100.0},
+                  "evaluations": evals, "meshes": [], "definitions": {"psnr": "whole image"}}  # fmt: skip
+        (tmp_path / folder / "real" / f"{method}_dtu_nomasks.json").write_text(json.dumps(record))
+
+    assert compare_real_markdown([tmp_path / "nothing"]) is None
+    run("ours", "certsdf", {"0": 20.0, "8": 22.0, "16": 30.0})
+    run("peer", "nerfacto", {"0": 10.0, "8": 12.0})
+    md = compare_real_markdown([tmp_path / "ours", tmp_path / "peer"])
+    assert "#### dtu_nomasks" in md and "| PSNR, views 0, 8 |" in md
+    assert "| certsdf | – | 10 | 900 | 100 | 24.00 | 0.800 | 21.00 |" in md
+    assert "| nerfacto | – | 10 | 900 | 100 | 11.00 | 0.800 | 11.00 |" in md
+
+
 def test_lpips_stub_and_numpy_checkpoint_allow_list(tmp_path: Path) -> None:
     from certsdf_ns.bench.offline import LpipsStub, prepare_offline_peers
 

@@ -100,7 +100,7 @@ from certsdf_ns.bench.evaluate import HeldOutViews, heldout_metrics, heldout_vie
 from certsdf_ns.bench.meshes import MeshResult, PeerExportOptions, certsdf_grid_mesh, mesh_picture, peer_mesh, silhouette_scores
 from certsdf_ns.bench.methods import MethodSpec, NerfactoRealSpec, TrainSettings, get_method
 from certsdf_ns.bench.offline import CHECKPOINT_NOTE, LPIPS_NOTE
-from certsdf_ns.bench.report import write_summary
+from certsdf_ns.bench.report import real_rows, write_summary
 from certsdf_ns.bench.results import plot_real, write_csv, write_json
 from certsdf_ns.bench.runner import RunResult
 from certsdf_ns.bench.suites import BenchConfig, _header, _run_all, refuse_earlier_trials
@@ -592,45 +592,6 @@ def prepare_scenes(cfg: RealConfig, reqs: Sequence[RealRequest], out: Path) -> N
                       f"cameras for {', '.join(found)} (largest difference {max(f['max_abs_c2w'] for f in found.values()):.2g})")  # fmt: skip
         for r in group:
             r.views, r.camera_check, r.mesh_box = views, found[r.spec.name], box
-
-
-def real_rows(records: Sequence[dict]) -> List[dict]:
-    """Table rows: one per evaluated checkpoint and mesh (a checkpoint without a mesh has one row)."""
-    rows: List[dict] = []
-    for r in records:
-        tr = r.get("training") or {}
-        if not r["evaluations"] and not r["meshes"]:
-            rows.append({"kind": "run", "scene": r["scene"], "method": r["method"], "status": r["status"], "reason": r["reason"]})
-            continue
-        meshes = list(r["meshes"])
-        evals = {e["step"]: e for e in r["evaluations"]}
-        for step in sorted(set(evals) | {m["step"] for m in meshes}):
-            e = evals.get(step, {})
-            at = [m for m in meshes if m["step"] == step] or [None]
-            for m in at:
-                rows.append({
-                    "kind": "eval", "scene": r["scene"], "method": r["method"], "status": r["status"],
-                    "mesh": m["method"] if m else "", "step": step,
-                    "iterations": e.get("iterations", m.get("iterations") if m else None),
-                    "train_time_s": e.get("train_time_s", m["train_time_s"] if m else math.nan),
-                    "rays_per_sec": tr.get("rays_per_sec", math.nan),
-                    "psnr": e.get("psnr", math.nan), "psnr_masked": e.get("psnr_masked", math.nan),
-                    "ssim": e.get("ssim", math.nan), "render_s_per_view": e.get("render_s_per_view", math.nan),
-                    "n_views": e.get("n_views"),
-                    "iou": m.get("iou", math.nan) if m else math.nan, "coverage": m.get("coverage", math.nan) if m else math.nan,
-                    "export_s": m.get("export_s", math.nan) if m else math.nan,
-                    "mesh_status": (m["status"] if m["status"] == "ok" else f"{m['status']}: {m['reason']}") if m else "",
-                    "picture": m.get("picture", "") if m else "",
-                })  # fmt: skip
-        usable = r.get("first_usable_mesh")
-        if usable:
-            rows.append({"kind": "usable_mesh", "scene": r["scene"], "method": r["method"], "metric": usable["metric"],
-                         "threshold": usable["threshold"], "reached": usable["reached"], "step": usable.get("step"),
-                         "train_time_s": usable.get("train_time_s", math.nan), "minutes": usable.get("minutes", math.nan),
-                         "value": usable.get("value", math.nan),
-                         "best_value": (usable.get("best") or {}).get("value", math.nan),
-                         "best_train_time_s": (usable.get("best") or {}).get("train_time_s", math.nan)})  # fmt: skip
-    return rows
 
 
 def run_real(cfg: RealConfig) -> List[dict]:

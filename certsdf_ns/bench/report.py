@@ -4,12 +4,14 @@
 there and prints the tables, so each figure in the README traces back to one results folder.
 `certsdf-bench report --compare DIR ...` prints one table of the quality runs of several folders (e.g.
 one certsdf run per budget beside one long run of each peer), with the PSNR also over the test views
-that every run rendered.
+that every run rendered, and the real-capture runs of those folders as one table per scene (e.g. a
+scene re-run for one method into a second folder).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -26,7 +28,8 @@ class ReportConfig:
     results_dir: Path = Path("bench_results")
     """A results root as given to the suites (reads RESULTS_DIR/<suite>/suite.json)."""
     compare: Tuple[Path, ...] = ()
-    """Instead: results roots whose quality runs go into one table (RESULTS_DIR/quality/<run>.json each)."""
+    """Instead: results roots whose quality runs go into one table (RESULTS_DIR/quality/<run>.json each), and
+    whose real-capture runs go into one table per scene (RESULTS_DIR/real/<run>.json)."""
 
 
 def _num(v, fmt: str) -> str:
@@ -129,6 +132,45 @@ def sigma_markdown(suite: dict) -> str:
     return _table(head, body)
 
 
+def real_rows(records: Sequence[dict]) -> List[dict]:
+    """Table rows: one per evaluated checkpoint and mesh (a checkpoint without a mesh has one row)."""
+    rows: List[dict] = []
+    for r in records:
+        tr = r.get("training") or {}
+        if not r["evaluations"] and not r["meshes"]:
+            rows.append({"kind": "run", "scene": r["scene"], "method": r["method"], "status": r["status"], "reason": r["reason"]})
+            continue
+        meshes = list(r["meshes"])
+        evals = {e["step"]: e for e in r["evaluations"]}
+        for step in sorted(set(evals) | {m["step"] for m in meshes}):
+            e = evals.get(step, {})
+            at = [m for m in meshes if m["step"] == step] or [None]
+            for m in at:
+                rows.append({
+                    "kind": "eval", "scene": r["scene"], "method": r["method"], "status": r["status"],
+                    "mesh": m["method"] if m else "", "step": step,
+                    "iterations": e.get("iterations", m.get("iterations") if m else None),
+                    "train_time_s": e.get("train_time_s", m["train_time_s"] if m else math.nan),
+                    "rays_per_sec": tr.get("rays_per_sec", math.nan),
+                    "psnr": e.get("psnr", math.nan), "psnr_masked": e.get("psnr_masked", math.nan),
+                    "ssim": e.get("ssim", math.nan), "render_s_per_view": e.get("render_s_per_view", math.nan),
+                    "n_views": e.get("n_views"),
+                    "iou": m.get("iou", math.nan) if m else math.nan, "coverage": m.get("coverage", math.nan) if m else math.nan,
+                    "export_s": m.get("export_s", math.nan) if m else math.nan,
+                    "mesh_status": (m["status"] if m["status"] == "ok" else f"{m['status']}: {m['reason']}") if m else "",
+                    "picture": m.get("picture", "") if m else "",
+                })  # fmt: skip
+        usable = r.get("first_usable_mesh")
+        if usable:
+            rows.append({"kind": "usable_mesh", "scene": r["scene"], "method": r["method"], "metric": usable["metric"],
+                         "threshold": usable["threshold"], "reached": usable["reached"], "step": usable.get("step"),
+                         "train_time_s": usable.get("train_time_s", math.nan), "minutes": usable.get("minutes", math.nan),
+                         "value": usable.get("value", math.nan),
+                         "best_value": (usable.get("best") or {}).get("value", math.nan),
+                         "best_train_time_s": (usable.get("best") or {}).get("train_time_s", math.nan)})  # fmt: skip
+    return rows
+
+
 def real_markdown(suite: dict) -> str:
     """One table per scene (certsdf-bench real), its first-usable-mesh line, and the definitions."""
     rows = suite["rows"]
@@ -138,6 +180,9 @@ def real_markdown(suite: dict) -> str:
         masked = any(_finite(r.get("psnr_masked")) or _finite(r.get("iou")) for r in evals)
         head = ["method", "mesh", "steps", "training time (s)", "train rays/s", "PSNR"]
         head += ["PSNR masked", "SSIM", "IoU", "coverage"] if masked else ["SSIM"]
+        common = [r for r in evals if r.get("psnr_common_views") is not None]
+        if common:  # --compare: runs that rendered different held-out views, scored also on the ones they share
+            head.append(f"PSNR, views {', '.join(common[0]['common_views'])}")
         head += ["mesh export (s)", "render (s/view)", "status"]
         body = []
         for r in evals:
@@ -145,6 +190,8 @@ def real_markdown(suite: dict) -> str:
                     _num(r["train_time_s"], ".0f"), _num(r["rays_per_sec"], ".0f"), _num(r["psnr"], ".2f")]  # fmt: skip
             line += ([_num(r["psnr_masked"], ".2f"), _num(r["ssim"], ".3f"), _num(r["iou"], ".3f"), _num(r["coverage"], ".3f")]
                      if masked else [_num(r["ssim"], ".3f")])  # fmt: skip
+            if common:
+                line.append(_num(r.get("psnr_common_views"), ".2f"))
             status = r["status"] if r["status"] == "ok" else f"{r['status']}"
             if r.get("mesh_status") and r["mesh_status"] != "ok":
                 status = f"mesh {str(r['mesh_status'])[:60]}"
@@ -224,15 +271,44 @@ def compare_markdown(results_dirs: Sequence[Path]) -> str:
     return _table(head, body)
 
 
+def compare_real_markdown(results_dirs: Sequence[Path]) -> Optional[str]:
+    """The real-capture runs under the folders as real_markdown's tables, one per scene, with a column of
+    PSNR over the held-out views that every run of the scene rendered (None when there is no real run)."""
+    runs = []
+    for folder in results_dirs:
+        runs += [json.loads(p.read_text()) for p in sorted((Path(folder) / "real").glob("*.json")) if p.name != "suite.json"]
+    runs = [r for r in runs if "evaluations" in r]
+    if not runs:
+        return None
+    rows = real_rows(runs)
+    for scene in dict.fromkeys(r["scene"] for r in runs):
+        evals = [e for r in runs if r["scene"] == scene for e in r["evaluations"]]
+        names = [set(v["view"] for v in e.get("views", [])) for e in evals]
+        shared = sorted(set.intersection(*names), key=lambda v: (len(v), v)) if names else []
+        if not shared or all(len(n) == len(shared) for n in names):
+            continue  # every run rendered the same views: the PSNR column says it already
+        by_run_step = {(r["method"], e["step"]): e for r in runs if r["scene"] == scene for e in r["evaluations"]}
+        for row in rows:
+            e = by_run_step.get((row.get("method"), row.get("step"))) if row["scene"] == scene and row["kind"] == "eval" else None
+            if e is not None:
+                vals = [v["psnr"] for v in e["views"] if v["view"] in shared]
+                row["psnr_common_views"], row["common_views"] = sum(vals) / len(vals), shared
+    return real_markdown({"rows": rows, "definitions": runs[0].get("definitions") or {}})
+
+
 def run_report(cfg: ReportConfig) -> Optional[List[str]]:
     from nerfstudio.utils.rich_utils import CONSOLE
 
     if cfg.compare:
+        real = compare_real_markdown(cfg.compare)
         try:
             print(compare_markdown(cfg.compare))
         except ValueError as exc:
-            CONSOLE.print(f"certsdf-bench report: {exc}", markup=False)
-            raise SystemExit(2)
+            if real is None:
+                CONSOLE.print(f"certsdf-bench report: {exc} (nor a real-capture run under */real)", markup=False)
+                raise SystemExit(2)
+        if real is not None:
+            print(real)
         return None
     written = write_report(cfg.results_dir)
     if not written:
