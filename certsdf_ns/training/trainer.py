@@ -325,6 +325,7 @@ class CertSDFTrainer(Trainer):
         self._plan: Optional[SchedulePlan] = None
         """The schedules' step plan of a budgeted run, once fixed (restored when resuming)."""
         self._first_step, self._seconds_at_start = 0, 0.0
+        self._seconds_after_first = 0.0
         """The first step and the training seconds of this process's run."""
         self._warm_reference: Optional[Tuple[int, float]] = None
         self._stopped_at: Optional[int] = None
@@ -450,10 +451,15 @@ class CertSDFTrainer(Trainer):
                     f"budget plan: {per_step:.2f} s per step, so schedules fitted to steps "
                     f"{self._plan.hold_steps}..{self._plan.total_steps}."
                 )
-        per_step_here = (spent - self._seconds_at_start) / done
+        if done == 1:
+            self._seconds_after_first = spent
+        # The next step's cost is the mean of this process's steps after its first: the first carries
+        # one-off costs (allocations, lazy imports; seconds under load) and, counted in, stopped short
+        # budgets after one step. With only the first step done the budget alone decides.
+        per_step_here = (spent - self._seconds_after_first) / (done - 1) if done > 1 else 0.0
         left = self._budget - spent
         self._show_budget_eta(step, left)
-        if left < per_step_here:  # the next step would not fit
+        if left <= 0.0 or left < per_step_here:  # the next step would not fit
             self._stopped_at, self._stop_seconds = step, spent
             self.stop_training = True
 
