@@ -201,8 +201,8 @@ def test_heldout_metrics_psnr_inside_the_mask() -> None:
 
 # --------------------------------------------------------------------------- the suite end to end
 
-TINY = [
-    "--budget-s", "10", "--trial.eval-points", "1", "--trial.rays-per-batch", "512",
+TINY = [  # 20 s: enough steps for a surface (IoU ~0.85 idle) also when the machine is busy (10 s gave IoU 0.26 at load 3.4)
+    "--budget-s", "20", "--trial.eval-points", "1", "--trial.rays-per-batch", "512",
     "--trial.steps-per-save.certsdf", "5", "--trial.certsdf-mesh-resolution", "48",
     "--trial.extra-args", "certsdf:--pipeline.model.grid-resolution 32 --pipeline.model.hash-log2-size 12 "
     "--pipeline.model.hash-levels 4 --pipeline.model.hash-max-res 64",
@@ -230,7 +230,7 @@ def test_real_suite_on_a_small_dtu_copy(dtu10: Path, tmp_path: Path) -> None:
     assert [m["step"] for m in meshes] == [e["step"] for e in evals]
     assert all(m["method"] == "certsdf-grid" and m["status"] in ("ok", "empty") for m in meshes)
     last = meshes[-1]
-    assert last["status"] == "ok", last  # 10 s of training form a surface on this copy (IoU ~0.85)
+    assert last["status"] == "ok", last  # 20 s of training form a surface on this copy
     assert 0.3 < last["iou"] <= 1.0 and 0.3 < last["coverage"] <= 1.0 and len(last["per_view"]) == 2
     picture = Image.open(out / last["picture"])
     assert last["picture_view"] == "8" and picture.size == (2 * 50 + 4, 37)  # mesh | gap | photo at 50×37
