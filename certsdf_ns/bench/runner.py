@@ -232,6 +232,10 @@ def run_budgeted(
     if own_budget:
         # No evaluation at the budget's end either: the bench evaluates the last checkpoint itself.
         trainer_opts += ["--max-train-minutes", f"{budget_s / 60.0:.6g}", "--eval-at-budget-end", "False"]
+        # The budget's own evaluation is the run's last checkpoint (always kept). The bench's clock leaves
+        # out the first step that certsdf's counts, so "the latest checkpoint at or before the budget" on
+        # the bench's clock can be an earlier one, evaluated twice over.
+        keep_targets = [t for t in keep_targets if t < budget_s]
     stop_at = budget_s + (grace_s if own_budget else 0.0)
     cmd = [sys.executable, "-m", "certsdf_ns.bench.peer_train", spec.ns_method, *trainer_opts, *spec.train_args(scene, settings)]
     result.command = cmd
