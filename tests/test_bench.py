@@ -34,8 +34,8 @@ TINY = [
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _bench(suite: str, results: Path, *args) -> Path:
-    proc = run_cli([ns("certsdf-bench"), suite, "--results-dir", results, "--budget-s", BUDGET_S, *args, *TINY], timeout=600)
+def _bench(suite: str, results: Path, *args, budget_s: float = BUDGET_S, tiny=TINY) -> Path:
+    proc = run_cli([ns("certsdf-bench"), suite, "--results-dir", results, "--budget-s", budget_s, *args, *tiny], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return results / suite
 
@@ -137,12 +137,9 @@ def test_certsdf_with_its_own_budget_plans_and_stops_itself(tiny_scene: Path, tm
     # (the default waits for the density map's 40-step warm-up and times 20 steps more).
     budget_s = 20.0
     tiny = [a + " --budget-warmup-steps 4 --budget-timing-steps 2" if str(a).startswith("certsdf:") else a for a in TINY]
-    results = tmp_path_factory.mktemp("bench")
-    proc = run_cli([ns("certsdf-bench"), "quality", "--results-dir", results, "--budget-s", budget_s, "--scene-names", tiny_scene,
-                    "--methods", "certsdf", "--trial.eval-points", "1", "--trial.own-budget", "certsdf",
-                    "--trial.no-evaluate-first", *tiny], timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = results / "quality"
+    out = _bench("quality", tmp_path_factory.mktemp("bench"), "--scene-names", tiny_scene, "--methods", "certsdf",
+                 "--trial.eval-points", "1", "--trial.own-budget", "certsdf", "--trial.no-evaluate-first",
+                 budget_s=budget_s, tiny=tiny)  # fmt: skip
     record = json.loads((out / f"certsdf_{tiny_scene.name}.json").read_text())
     tr = record["training"]
     assert record["status"] == "ok" and record["own_budget"], record["reason"]

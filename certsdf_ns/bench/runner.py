@@ -142,7 +142,9 @@ class _Timing:
                 self.start = rec["time"]
             elif rec["event"] == "checkpoint" and self.start is not None:
                 wall = rec["save_start"] - self.start
-                self.checkpoints.append(Checkpoint(rec["step"], rec["path"], rec["iterations"] - 1, wall - self.write_s, wall))
+                # A run stopped by its own budget saves its last step again (same file): one checkpoint, listed once.
+                if not any(c.step == rec["step"] for c in self.checkpoints):
+                    self.checkpoints.append(Checkpoint(rec["step"], rec["path"], rec["iterations"] - 1, wall - self.write_s, wall))
                 self.write_s += rec["save_end"] - rec["save_start"]
             elif rec["event"] == "exit":
                 self.exit = rec["time"]

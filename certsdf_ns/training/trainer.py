@@ -325,8 +325,9 @@ class CertSDFTrainer(Trainer):
         self._plan: Optional[SchedulePlan] = None
         """The schedules' step plan of a budgeted run, once fixed (restored when resuming)."""
         self._first_step, self._seconds_at_start = 0, 0.0
-        self._seconds_after_first = 0.0
         """The first step and the training seconds of this process's run."""
+        self._seconds_after_first = 0.0
+        """The training seconds once this process's first step is done (its one-off costs left out of the stop rule)."""
         self._warm_reference: Optional[Tuple[int, float]] = None
         self._stopped_at: Optional[int] = None
         """The last step trained when the budget stopped training."""
