@@ -13,7 +13,11 @@ Where it comes from (:func:`region_from_cameras` unless the data says or the use
   object-centric capture points every camera at the object and keeps it in frame, so the
   centre is nerfstudio's `focus_of_attention` (the point nearest to all optical axes, from
   cameras that face it), and the radius is the largest ball around it that the median camera
-  sees whole: median distance · sin(half of the narrower field of view). When the capture comes
+  sees whole along its longer side: median distance · sin(half of the wider field of view), kept
+  clear of the cameras (at most CAMERA_CLEARANCE of the nearest one's distance). The longer side,
+  because a hand-held capture frames an elongated object along it (a cup photographed upright
+  with the phone in portrait); the narrower side's ball cut such an object's ends off: the shared
+  cup's lid reaches ~0.57 from the centre, the narrower side's ball 0.545. When the capture comes
   with sparse structure-from-motion points (COLMAP's `points3D`, or the `ply_file_path` of an
   ns-process-data `transforms.json`), that ball is tightened around them
   (:func:`tighten_to_points`): a smaller box gives the same grid finer voxels on the object;
@@ -34,6 +38,11 @@ from nerfstudio.cameras.cameras import Cameras
 Region = Tuple[Float[Tensor, "3"], float]
 
 
+CAMERA_CLEARANCE = 0.9
+"""The camera ball's radius is at most this fraction of the nearest camera's distance to its centre:
+no camera sits inside the object, and its near rays should start outside the certified grid."""
+
+
 def region_from_cameras(cameras: Cameras) -> Region:
     """(centre, radius) of the ball the cameras look at (see the module docstring)."""
     c2w = cameras.camera_to_worlds.float()
@@ -42,9 +51,9 @@ def region_from_cameras(cameras: Cameras) -> Region:
     distance = (c2w[:, :3, 3] - centre).norm(dim=-1)
     fx, fy = cameras.fx[:, 0].float(), cameras.fy[:, 0].float()
     width, height = cameras.width[:, 0].float(), cameras.height[:, 0].float()
-    half_fov = torch.atan(torch.minimum(width / (2.0 * fx), height / (2.0 * fy)))
-    radius = float(torch.median(distance) * torch.sin(torch.median(half_fov)))
-    return centre, radius
+    half_fov = torch.atan(torch.maximum(width / (2.0 * fx), height / (2.0 * fy)))
+    framed = float(torch.median(distance) * torch.sin(torch.median(half_fov)))
+    return centre, min(framed, CAMERA_CLEARANCE * float(distance.min()))
 
 
 SPARSE_MIN_POINTS = 100
