@@ -55,8 +55,24 @@ def test_region_from_cameras_is_the_ball_they_look_at() -> None:
     cameras = _cameras_looking_at(target, distance=3.0, n=30, width=400, fx=300.0)
     centre, radius = region_from_cameras(cameras)
     np.testing.assert_allclose(centre.numpy(), target, atol=1e-4)
-    # The narrower (vertical) half field of view: atan(150 / 300).
-    assert radius == pytest.approx(3.0 * math.sin(math.atan(150.0 / 300.0)), rel=1e-5)
+    # The wider (horizontal) half field of view, atan(200 / 300): an object framed along the image's
+    # longer side is inside, and its ends are not cut (the narrower side's ball would be 3·sin(atan(0.5))).
+    assert radius == pytest.approx(3.0 * math.sin(math.atan(200.0 / 300.0)), rel=1e-5)
+
+
+def test_region_from_cameras_stays_clear_of_the_nearest_camera() -> None:
+    from certsdf_ns.data.region import CAMERA_CLEARANCE
+
+    target = np.array([0.3, -0.2, 0.1])
+    # A fisheye-wide field of view would give a ball past the cameras themselves (3·sin(atan(4)) ≈ 2.91).
+    wide = _cameras_looking_at(target, distance=3.0, n=30, width=400, fx=50.0)
+    assert region_from_cameras(wide)[1] == pytest.approx(CAMERA_CLEARANCE * 3.0, rel=1e-5)
+    # One camera close up bounds the ball, whatever the median camera frames.
+    poses = wide.camera_to_worlds.clone()
+    poses[0, :3, 3] = torch.tensor(target, dtype=torch.float32) + 0.5 * (poses[0, :3, 3] - torch.tensor(target, dtype=torch.float32))
+    close = _cameras_looking_at(target, distance=3.0, n=30, width=400, fx=300.0)
+    close.camera_to_worlds = poses
+    assert region_from_cameras(close)[1] == pytest.approx(CAMERA_CLEARANCE * 1.5, rel=1e-4)
 
 
 def test_sparse_points_tighten_the_camera_ball_but_never_widen_or_move_it() -> None:

@@ -148,6 +148,7 @@ def real_rows(records: Sequence[dict]) -> List[dict]:
             for m in at:
                 rows.append({
                     "kind": "eval", "scene": r["scene"], "method": r["method"], "status": r["status"],
+                    "results": r.get("results"),
                     "mesh": m["method"] if m else "", "step": step,
                     "iterations": e.get("iterations", m.get("iterations") if m else None),
                     "train_time_s": e.get("train_time_s", m["train_time_s"] if m else math.nan),
@@ -178,7 +179,10 @@ def real_markdown(suite: dict) -> str:
     for scene in dict.fromkeys(r["scene"] for r in rows):
         evals = [r for r in rows if r["scene"] == scene and r["kind"] == "eval"]
         masked = any(_finite(r.get("psnr_masked")) or _finite(r.get("iou")) for r in evals)
-        head = ["method", "mesh", "steps", "training time (s)", "train rays/s", "PSNR"]
+        # --compare: a method run in several results folders (say, before and after a change) names its folder
+        runs_of = {(r["method"], r.get("results")) for r in evals}
+        by_folder = len(runs_of) > len({method for method, _ in runs_of})
+        head = ["method"] + (["results"] if by_folder else []) + ["mesh", "steps", "training time (s)", "train rays/s", "PSNR"]
         head += ["PSNR masked", "SSIM", "IoU", "coverage"] if masked else ["SSIM"]
         common = [r for r in evals if r.get("psnr_common_views") is not None]
         if common:  # --compare: runs that rendered different held-out views, scored also on the ones they share
@@ -186,7 +190,7 @@ def real_markdown(suite: dict) -> str:
         head += ["mesh export (s)", "render (s/view)", "status"]
         body = []
         for r in evals:
-            line = [r["method"], r["mesh"] or "–", str(r["iterations"]) if r.get("iterations") is not None else "–",
+            line = [r["method"]] + ([str(r.get("results") or "–")] if by_folder else []) + [r["mesh"] or "–", str(r["iterations"]) if r.get("iterations") is not None else "–",
                     _num(r["train_time_s"], ".0f"), _num(r["rays_per_sec"], ".0f"), _num(r["psnr"], ".2f")]  # fmt: skip
             line += ([_num(r["psnr_masked"], ".2f"), _num(r["ssim"], ".3f"), _num(r["iou"], ".3f"), _num(r["coverage"], ".3f")]
                      if masked else [_num(r["ssim"], ".3f")])  # fmt: skip
@@ -276,8 +280,10 @@ def compare_real_markdown(results_dirs: Sequence[Path]) -> Optional[str]:
     PSNR over the held-out views that every run of the scene rendered (None when there is no real run)."""
     runs = []
     for folder in results_dirs:
-        runs += [json.loads(p.read_text()) for p in sorted((Path(folder) / "real").glob("*.json")) if p.name != "suite.json"]
-    runs = [r for r in runs if "evaluations" in r]
+        for path in sorted((Path(folder) / "real").glob("*.json")):
+            record = json.loads(path.read_text())
+            if path.name != "suite.json" and "evaluations" in record:
+                runs.append({**record, "results": Path(folder).name})
     if not runs:
         return None
     rows = real_rows(runs)
@@ -287,9 +293,10 @@ def compare_real_markdown(results_dirs: Sequence[Path]) -> Optional[str]:
         shared = sorted(set.intersection(*names), key=lambda v: (len(v), v)) if names else []
         if not shared or all(len(n) == len(shared) for n in names):
             continue  # every run rendered the same views: the PSNR column says it already
-        by_run_step = {(r["method"], e["step"]): e for r in runs if r["scene"] == scene for e in r["evaluations"]}
+        by_run_step = {(r["results"], r["method"], e["step"]): e for r in runs if r["scene"] == scene for e in r["evaluations"]}
         for row in rows:
-            e = by_run_step.get((row.get("method"), row.get("step"))) if row["scene"] == scene and row["kind"] == "eval" else None
+            key = (row.get("results"), row.get("method"), row.get("step"))
+            e = by_run_step.get(key) if row["scene"] == scene and row["kind"] == "eval" else None
             if e is not None:
                 vals = [v["psnr"] for v in e["views"] if v["view"] in shared]
                 row["psnr_common_views"], row["common_views"] = sum(vals) / len(vals), shared
