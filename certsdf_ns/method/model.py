@@ -42,7 +42,7 @@ from certsdf_ns.certified import (
     unbiased_alphas,
 )
 from certsdf_ns.console import log
-from certsdf_ns.data.validation import BACKGROUND_KEY, MASK_BATCH_KEY, REAL_CAPTURE_KEY, REGION_KEY
+from certsdf_ns.data.validation import BACKGROUND_KEY, FOREGROUND_MASKS_KEY, MASK_BATCH_KEY, REAL_CAPTURE_KEY, REGION_KEY
 from certsdf_ns.errors import CertSDFInputError, exit_cleanly
 from certsdf_ns.method.background import background_start, build_background_field
 from certsdf_ns.method.checkpoint_fit import fit_message, fit_problems
@@ -165,6 +165,13 @@ class CertSDFModelConfig(ModelConfig, CertSDFFieldConfig):
     interior cavities after 100 steps (Chamfer-L1 0.0185; 0.0086 at 0.03). Larger weights push the
     zero set outward (median offset +0.07 voxel at 0.03, +0.12 at 0.1; README, "Where the zero set
     sits")."""
+    fill_carves: Optional[bool] = None
+    """Whether the occluded-space prior also pulls occupancy in front of the first surface (T ≈ 1) towards 0.
+    None: yes, except on a real capture without object masks. There the background model may be rendering a
+    part of the object, the foreground's transmittance is then no evidence of free space, and carving by it
+    erases what the background took: on the shared cup the lid stayed missing after 15 minutes, and with the
+    prior off the whole cup appeared (README, "Real captures"). Then the prior only fills, pulling occupancy up
+    towards 1 − T and never down; the photometric loss carves."""
     fill_ray_fraction: float = 0.25
     """Fraction of the batch's rays on which the occluded-space prior is evaluated."""
     binary_loss_mult: float = 1e-3
@@ -236,6 +243,8 @@ class CertSDFModel(Model):
         cfg.background_model = kind  # what was built, in the saved config (as the backend)
         if cfg.unbiased_warmup_steps is None:
             cfg.unbiased_warmup_steps = 20 if kind == "none" else 100
+        if cfg.fill_carves is None:  # resolved once, into the saved config
+            cfg.fill_carves = kind == "none" or bool(metadata.get(FOREGROUND_MASKS_KEY))
         if kind != "none":
             assert self.region is not None
             self.background_field = build_background_field(
@@ -576,6 +585,9 @@ class CertSDFModel(Model):
             n = max(1, int(positions.shape[0] * self.config.fill_ray_fraction))
             occupancy = sample_grid(field_.geometry.occupancy(), positions[:n].reshape(-1, 3), field_.aabb)
             behind = (1.0 - transmittance[:n, :-1, 0]).detach().reshape(-1)  # T before each sample
+            if not self.config.fill_carves:
+                # Fill only: where the occupancy is already above 1 − T the target equals it, so no gradient.
+                behind = torch.maximum(behind, occupancy.detach())
             bce = F.binary_cross_entropy(occupancy.clamp(1e-6, 1 - 1e-6), behind.clamp(0.0, 1.0), reduction="sum")
             outputs["fill_sum"], outputs["fill_count"] = bce, torch.tensor(float(behind.numel()), device=bce.device)
         else:
