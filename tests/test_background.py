@@ -25,7 +25,7 @@ from nerfstudio.data.scene_box import SceneBox
 from certsdf_ns.certified import CertifiedSDFGrid
 from certsdf_ns.data.region import region_from_cameras, region_to_dataparser_frame
 from certsdf_ns.data.scenes import look_at_origin
-from certsdf_ns.data.validation import REAL_CAPTURE_KEY, REGION_KEY
+from certsdf_ns.data.validation import FOREGROUND_MASKS_KEY, REAL_CAPTURE_KEY, REGION_KEY
 
 # The fixture run's usual Chamfer-L1 range (tests/test_mesh_export.py: measured 0.063 on the tiny
 # RGBA scene after 300 steps on a 64³ grid, bound 0.10).
@@ -124,7 +124,7 @@ def test_support_sphere_keeps_the_zero_set_inside_the_region_and_the_smoothing_e
 
 
 # --------------------------------------------------------------------------- the model
-def _region_model(background: str = "auto"):
+def _region_model(background: str = "auto", object_masks: bool = False):
     from certsdf_ns.method.model import CertSDFModelConfig
 
     config = CertSDFModelConfig(
@@ -133,6 +133,8 @@ def _region_model(background: str = "auto"):
     )  # fmt: skip
     box = SceneBox(aabb=torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]))
     metadata = {REGION_KEY: torch.tensor([0.0, 0.0, 0.0, 1.0]), REAL_CAPTURE_KEY: True}
+    if object_masks:
+        metadata[FOREGROUND_MASKS_KEY] = True
     return config.setup(scene_box=box, num_train_data=4, metadata=metadata)
 
 
@@ -166,12 +168,45 @@ def test_background_is_composited_behind_the_region_and_never_reaches_the_grid()
     assert any(p is model.background_field.volume for p in groups["fields"])
 
 
+def _fill_loss_gradient(model) -> torch.Tensor:
+    """d(fill loss)/d(occupancy logits) after one training forward of rays through a fog of occupancy 0.3
+    with a small dense core: in front of the core T ≈ 1 (free by the foreground's account), behind it T ≈ 0."""
+    with torch.no_grad():
+        core = (model.field.geometry.grid_points().norm(dim=-1) < 0.3).float()
+        model.field.geometry.set_occupancy(0.3 + 0.69 * core)
+    model.train()
+    model.set_schedule_step(100)
+    x = torch.linspace(-0.5, 0.5, 8)
+    origins = [[float(a), float(b), -3.0] for a in x for b in x]
+    outputs = model(_rays(origins, [[0.0, 0.0, 1.0]] * len(origins)))
+    model.zero_grad()
+    outputs["fill_loss"].backward()
+    return model.field.geometry.logits.grad
+
+
+def test_occluded_space_prior_only_fills_on_a_real_capture_without_object_masks() -> None:
+    """Without masks the background model may be rendering part of the object, so the foreground's own
+    transmittance is no evidence of free space: the prior pulls occupancy up behind surfaces, never down.
+    With object masks (or alpha) it also carves."""
+    torch.manual_seed(0)
+    fills_only = _region_model()
+    assert fills_only.config.fill_carves is False
+    grad = _fill_loss_gradient(fills_only)
+    assert float(grad.max()) <= 0.0 and float(grad.min()) < 0.0  # descent only raises occupancy
+    torch.manual_seed(0)
+    carves = _region_model(object_masks=True)
+    assert carves.config.fill_carves is True
+    grad = _fill_loss_gradient(carves)
+    assert float(grad.max()) > 0.0 and float(grad.min()) < 0.0  # the fog in front is pulled down too
+
+
 def test_no_background_model_on_synthetic_scenes() -> None:
     from certsdf_ns.method.model import CertSDFModelConfig
 
     config = CertSDFModelConfig(grid_resolution=16, hash_levels=2, hash_log2_size=10, hash_max_res=32)
     model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.5] * 3, [1.5] * 3])), num_train_data=2, metadata={})
     assert model.background_field is None and model.region is None and model.field.geometry.support is None
+    assert model.config.fill_carves is True  # alpha says where space is free
 
 
 # --------------------------------------------------------------------------- end to end
