@@ -168,14 +168,15 @@ def test_background_is_composited_behind_the_region_and_never_reaches_the_grid()
     assert any(p is model.background_field.volume for p in groups["fields"])
 
 
-def _fill_loss_gradient(model) -> torch.Tensor:
-    """d(fill loss)/d(occupancy logits) after one training forward of rays through a fog of occupancy 0.3
-    with a small dense core: in front of the core T ≈ 1 (free by the foreground's account), behind it T ≈ 0."""
+def _fill_loss_gradient(model, step: int) -> torch.Tensor:
+    """d(fill loss)/d(occupancy logits) after one training forward at `step` of rays through a fog of
+    occupancy 0.3 with a small dense core: in front of the core T ≈ 1 (free by the foreground's account),
+    behind it T ≈ 0."""
     with torch.no_grad():
         core = (model.field.geometry.grid_points().norm(dim=-1) < 0.3).float()
         model.field.geometry.set_occupancy(0.3 + 0.69 * core)
     model.train()
-    model.set_schedule_step(100)
+    model.set_schedule_step(step)
     x = torch.linspace(-0.5, 0.5, 8)
     origins = [[float(a), float(b), -3.0] for a in x for b in x]
     outputs = model(_rays(origins, [[0.0, 0.0, 1.0]] * len(origins)))
@@ -184,20 +185,24 @@ def _fill_loss_gradient(model) -> torch.Tensor:
     return model.field.geometry.logits.grad
 
 
-def test_occluded_space_prior_only_fills_on_a_real_capture_without_object_masks() -> None:
+def test_occluded_space_prior_only_fills_at_first_on_a_real_capture_without_object_masks() -> None:
     """Without masks the background model may be rendering part of the object, so the foreground's own
-    transmittance is no evidence of free space: the prior pulls occupancy up behind surfaces, never down.
-    With object masks (or alpha) it also carves."""
+    transmittance is no evidence of free space: for the first REAL_FILL_ONLY_STEPS the prior pulls
+    occupancy up behind surfaces, never down; then it carves too. With object masks (or alpha) it carves
+    from the start."""
+    from certsdf_ns.method.model import REAL_FILL_ONLY_STEPS
+
     torch.manual_seed(0)
-    fills_only = _region_model()
-    assert fills_only.config.fill_carves is False
-    grad = _fill_loss_gradient(fills_only)
+    real = _region_model()
+    assert real.config.fill_carve_start_step == REAL_FILL_ONLY_STEPS
+    grad = _fill_loss_gradient(real, 100)  # still the paper map: the core is opaque, T ≈ 0 behind it
     assert float(grad.max()) <= 0.0 and float(grad.min()) < 0.0  # descent only raises occupancy
+    grad = _fill_loss_gradient(real, REAL_FILL_ONLY_STEPS)
+    assert float(grad.max()) > 0.0  # the fog in front is pulled down too
     torch.manual_seed(0)
-    carves = _region_model(object_masks=True)
-    assert carves.config.fill_carves is True
-    grad = _fill_loss_gradient(carves)
-    assert float(grad.max()) > 0.0 and float(grad.min()) < 0.0  # the fog in front is pulled down too
+    masked = _region_model(object_masks=True)
+    assert masked.config.fill_carve_start_step == 0
+    assert float(_fill_loss_gradient(masked, 100).max()) > 0.0
 
 
 def test_no_background_model_on_synthetic_scenes() -> None:
@@ -206,7 +211,7 @@ def test_no_background_model_on_synthetic_scenes() -> None:
     config = CertSDFModelConfig(grid_resolution=16, hash_levels=2, hash_log2_size=10, hash_max_res=32)
     model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.5] * 3, [1.5] * 3])), num_train_data=2, metadata={})
     assert model.background_field is None and model.region is None and model.field.geometry.support is None
-    assert model.config.fill_carves is True  # alpha says where space is free
+    assert model.config.fill_carve_start_step == 0  # alpha says where space is free
 
 
 # --------------------------------------------------------------------------- end to end

@@ -50,6 +50,12 @@ from certsdf_ns.method.field import CertSDFField, CertSDFFieldConfig
 from certsdf_ns.method.sdf_outputs import ray_sdf_outputs
 
 
+REAL_FILL_ONLY_STEPS = 150
+"""Steps of a fill-only occluded-space prior on real captures without masks: by step 150 (2.4 min at 400×300 on
+one core) a fill-only prior had grown the whole DTU skull and the whole cup, lid included, and had not yet
+painted the room on the region's shell, which it did later (43% of the skull mesh's area after 15 minutes)."""
+
+
 @dataclass(frozen=True)
 class SampleBudget:
     """Samples per ray for one render."""
@@ -165,13 +171,14 @@ class CertSDFModelConfig(ModelConfig, CertSDFFieldConfig):
     interior cavities after 100 steps (Chamfer-L1 0.0185; 0.0086 at 0.03). Larger weights push the
     zero set outward (median offset +0.07 voxel at 0.03, +0.12 at 0.1; README, "Where the zero set
     sits")."""
-    fill_carves: Optional[bool] = None
-    """Whether the occluded-space prior also pulls occupancy in front of the first surface (T ≈ 1) towards 0.
-    None: yes, except on a real capture without object masks. There the background model may be rendering a
-    part of the object, the foreground's transmittance is then no evidence of free space, and carving by it
-    erases what the background took: on the shared cup the lid stayed missing after 15 minutes, and with the
-    prior off the whole cup appeared (README, "Real captures"). Then the prior only fills, pulling occupancy up
-    towards 1 − T and never down; the photometric loss carves."""
+    fill_carve_start_step: Optional[int] = None
+    """Step from which the occluded-space prior also pulls occupancy in front of the first surface (T ≈ 1)
+    towards 0; before it the prior only fills (pulls occupancy up towards 1 − T, never down). None: 0 on
+    synthetic data and with object masks, REAL_FILL_ONLY_STEPS on a real capture without masks. There the
+    background model fits fast and renders parts of the object, the foreground's transmittance is then no
+    evidence of free space, and carving by it from the start kept them out of the grid for good (the shared
+    cup's lid, after 15 minutes). Carving never: the room gets painted on the region's shell (README,
+    "Real captures")."""
     fill_ray_fraction: float = 0.25
     """Fraction of the batch's rays on which the occluded-space prior is evaluated."""
     binary_loss_mult: float = 1e-3
@@ -243,8 +250,9 @@ class CertSDFModel(Model):
         cfg.background_model = kind  # what was built, in the saved config (as the backend)
         if cfg.unbiased_warmup_steps is None:
             cfg.unbiased_warmup_steps = 20 if kind == "none" else 100
-        if cfg.fill_carves is None:  # resolved once, into the saved config
-            cfg.fill_carves = kind == "none" or bool(metadata.get(FOREGROUND_MASKS_KEY))
+        if cfg.fill_carve_start_step is None:  # resolved once, into the saved config
+            alpha_or_masks = kind == "none" or bool(metadata.get(FOREGROUND_MASKS_KEY))
+            cfg.fill_carve_start_step = 0 if alpha_or_masks else REAL_FILL_ONLY_STEPS
         if kind != "none":
             assert self.region is not None
             self.background_field = build_background_field(
@@ -585,7 +593,7 @@ class CertSDFModel(Model):
             n = max(1, int(positions.shape[0] * self.config.fill_ray_fraction))
             occupancy = sample_grid(field_.geometry.occupancy(), positions[:n].reshape(-1, 3), field_.aabb)
             behind = (1.0 - transmittance[:n, :-1, 0]).detach().reshape(-1)  # T before each sample
-            if not self.config.fill_carves:
+            if (self._step or 0) < self.config.fill_carve_start_step:
                 # Fill only: where the occupancy is already above 1 − T the target equals it, so no gradient.
                 behind = torch.maximum(behind, occupancy.detach())
             bce = F.binary_cross_entropy(occupancy.clamp(1e-6, 1 - 1e-6), behind.clamp(0.0, 1.0), reduction="sum")
