@@ -163,7 +163,8 @@ def real_rows(records: Sequence[dict]) -> List[dict]:
                 })  # fmt: skip
         usable = r.get("first_usable_mesh")
         if usable:
-            rows.append({"kind": "usable_mesh", "scene": r["scene"], "method": r["method"], "metric": usable["metric"],
+            rows.append({"kind": "usable_mesh", "scene": r["scene"], "method": r["method"], "results": r.get("results"),
+                         "metric": usable["metric"],
                          "threshold": usable["threshold"], "reached": usable["reached"], "step": usable.get("step"),
                          "train_time_s": usable.get("train_time_s", math.nan), "minutes": usable.get("minutes", math.nan),
                          "value": usable.get("value", math.nan),
@@ -208,7 +209,7 @@ def real_markdown(suite: dict) -> str:
             if r["kind"] == "run":
                 lines.append(f"- {r['method']}: {r['status']}: {str(r['reason'])[:200]}")
             elif r["kind"] == "usable_mesh":
-                what = f"{r['metric']} ≥ {r['threshold']:g}"
+                what = f"{r['metric']} ≥ {r['threshold']:g}" + (f", {r.get('results')}" if by_folder else "")
                 if r["reached"]:
                     lines.append(f"- minutes to the first usable certsdf mesh ({what}): {r['minutes']:.1f} min "
                                  f"(step {r['step']}, {r['metric']} {r['value']:.3f})")  # fmt: skip
