@@ -168,16 +168,16 @@ def test_background_is_composited_behind_the_region_and_never_reaches_the_grid()
     assert any(p is model.background_field.volume for p in groups["fields"])
 
 
-def _fill_loss_gradient(model, step: int) -> torch.Tensor:
-    """d(fill loss)/d(occupancy logits) after one training forward at `step` of rays through a fog of
-    occupancy 0.3 with a small dense core: in front of the core T ≈ 1 (free by the foreground's account),
-    behind it T ≈ 0."""
+def _fill_loss_gradient(model, step: int, spread: float = 0.5) -> torch.Tensor:
+    """d(fill loss)/d(occupancy logits) after one training forward at `step` of rays (along +z, x and y in
+    ±spread) through a fog of occupancy 0.3 with a small dense core: in front of the core T ≈ 1 (free by the
+    foreground's account), behind it T ≈ 0. The prior sees the first `fill_ray_fraction` of the rays."""
     with torch.no_grad():
         core = (model.field.geometry.grid_points().norm(dim=-1) < 0.3).float()
         model.field.geometry.set_occupancy(0.3 + 0.69 * core)
     model.train()
     model.set_schedule_step(step)
-    x = torch.linspace(-0.5, 0.5, 8)
+    x = torch.linspace(-spread, spread, 8)
     origins = [[float(a), float(b), -3.0] for a in x for b in x]
     outputs = model(_rays(origins, [[0.0, 0.0, 1.0]] * len(origins)))
     model.zero_grad()
@@ -205,6 +205,34 @@ def test_occluded_space_prior_only_fills_at_first_on_a_real_capture_without_obje
     assert float(_fill_loss_gradient(masked, 100).max()) > 0.0
 
 
+def test_occluded_space_prior_reaches_only_fill_depth_behind_the_surface_without_object_masks() -> None:
+    """A capture without masks never sees the space under the table or far behind the object; filling all of
+    it to the region's ball made the DTU skull's mesh a ball. Without masks the prior fills only `fill_depth`
+    region radii behind the first surface and leaves deeper space alone; with masks it has no limit."""
+    from certsdf_ns.method.model import REAL_FILL_DEPTH_RADII
+
+    def behind_core(grad: torch.Tensor, model, z_lo: float, z_hi: float) -> torch.Tensor:
+        points = model.field.geometry.grid_points()
+        on_rays = (points[..., 0].abs() < 0.2) & (points[..., 1].abs() < 0.2) & (points.norm(dim=-1) < 0.97)
+        return grad.reshape(points.shape[:-1])[on_rays & (points[..., 2] > z_lo) & (points[..., 2] < z_hi)]
+
+    torch.manual_seed(0)
+    real = _region_model()
+    assert real.config.fill_depth == REAL_FILL_DEPTH_RADII
+    real.config.fill_depth = 0.25  # the 24³ test grid's region is 1 wide; the core (radius 0.3) ends at z = 0.3
+    real.config.fill_ray_fraction = 1.0
+    grad = _fill_loss_gradient(real, 100, spread=0.15)  # every ray through the core
+    assert float(behind_core(grad, real, 0.35, 0.5).max()) < 0.0  # just behind the surface: filled
+    deep = behind_core(grad, real, 0.74, 0.97)
+    torch.manual_seed(0)
+    masked = _region_model(object_masks=True)
+    assert math.isinf(masked.config.fill_depth)
+    masked.config.fill_ray_fraction = 1.0
+    unlimited = behind_core(_fill_loss_gradient(masked, 100, spread=0.15), masked, 0.74, 0.97)
+    assert float(unlimited.max()) < 0.0  # with masks the prior fills all the way to the ball
+    assert float(deep.abs().max()) < 0.01 * float(unlimited.abs().min())  # without: deep space left alone
+
+
 def test_no_background_model_on_synthetic_scenes() -> None:
     from certsdf_ns.method.model import CertSDFModelConfig
 
@@ -212,6 +240,7 @@ def test_no_background_model_on_synthetic_scenes() -> None:
     model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.5] * 3, [1.5] * 3])), num_train_data=2, metadata={})
     assert model.background_field is None and model.region is None and model.field.geometry.support is None
     assert model.config.fill_carve_start_step == 0  # alpha says where space is free
+    assert math.isinf(model.config.fill_depth)
 
 
 # --------------------------------------------------------------------------- end to end

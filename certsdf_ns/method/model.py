@@ -55,6 +55,12 @@ REAL_FILL_ONLY_STEPS = 150
 one core) a fill-only prior had grown the whole DTU skull and the whole cup, lid included, and had not yet
 painted the room on the region's shell, which it did later (43% of the skull mesh's area after 15 minutes)."""
 
+REAL_FILL_DEPTH_RADII = 0.5
+"""How deep behind the first surface the occluded-space prior fills on a real capture without masks, in region
+radii. A capture sees its object from one side and the table from above: with no limit the prior filled all
+the space they hide, to the region's ball, and the skull's mesh was a ball (35% of its area on the region's
+shell after 15 minutes; README, "Real captures")."""
+
 
 @dataclass(frozen=True)
 class SampleBudget:
@@ -179,6 +185,12 @@ class CertSDFModelConfig(ModelConfig, CertSDFFieldConfig):
     evidence of free space, and carving by it from the start kept them out of the grid for good (the shared
     cup's lid, after 15 minutes). Carving never: the room gets painted on the region's shell (README,
     "Real captures")."""
+    fill_depth: Optional[float] = None
+    """How far behind the first surface the occluded-space prior reaches, in region radii: a sample is weighed
+    by the transmittance this far in front of it, so space deeper behind every view's first surface gets no
+    target (it keeps its start, nearly empty). None: unlimited on synthetic data and with object masks (an
+    object seen from all sides, or silhouettes that carve the rest), REAL_FILL_DEPTH_RADII on a real capture
+    without masks, where the space under the table and behind the object is never seen."""
     fill_ray_fraction: float = 0.25
     """Fraction of the batch's rays on which the occluded-space prior is evaluated."""
     binary_loss_mult: float = 1e-3
@@ -253,6 +265,9 @@ class CertSDFModel(Model):
         if cfg.fill_carve_start_step is None:  # resolved once, into the saved config
             alpha_or_masks = kind == "none" or bool(metadata.get(FOREGROUND_MASKS_KEY))
             cfg.fill_carve_start_step = 0 if alpha_or_masks else REAL_FILL_ONLY_STEPS
+        if cfg.fill_depth is None:
+            alpha_or_masks = kind == "none" or bool(metadata.get(FOREGROUND_MASKS_KEY))
+            cfg.fill_depth = math.inf if alpha_or_masks or self.region is None else REAL_FILL_DEPTH_RADII
         if kind != "none":
             assert self.region is not None
             self.background_field = build_background_field(
@@ -596,7 +611,10 @@ class CertSDFModel(Model):
             if (self._step or 0) < self.config.fill_carve_start_step:
                 # Fill only: where the occupancy is already above 1 − T the target equals it, so no gradient.
                 behind = torch.maximum(behind, occupancy.detach())
-            bce = F.binary_cross_entropy(occupancy.clamp(1e-6, 1 - 1e-6), behind.clamp(0.0, 1.0), reduction="sum")
+            weight = self._fill_reach(samples, transmittance, n)
+            bce = F.binary_cross_entropy(
+                occupancy.clamp(1e-6, 1 - 1e-6), behind.clamp(0.0, 1.0), weight=weight, reduction="sum"
+            )
             outputs["fill_sum"], outputs["fill_count"] = bce, torch.tensor(float(behind.numel()), device=bce.device)
         else:
             with torch.no_grad():
@@ -611,6 +629,19 @@ class CertSDFModel(Model):
                 outputs["num_colour_samples"] = active.sum(dim=-1, keepdim=True).float()
                 outputs.update(ray_sdf_outputs(sdf, field_.geometry.max_distance, band=0.5 * self.voxel))
         return outputs
+
+    def _fill_reach(self, samples: RaySamples, transmittance: Tensor, n: int) -> Optional[Tensor]:
+        """Weight of each of the first n rays' samples in the occluded-space prior: the transmittance
+        `fill_depth` region radii in front of the sample (at the last interval edge there or before), i.e.
+        the probability that the ray had not yet met a surface that far before. None: no limit."""
+        depth = self.config.fill_depth
+        if depth is None or math.isinf(depth) or self.region is None:
+            return None
+        starts = samples.frustums.starts[:n, :, 0]
+        edges = torch.cat([starts, samples.frustums.ends[:n, -1:, 0]], dim=1)  # contiguous intervals
+        last = torch.searchsorted(edges.contiguous(), (starts - depth * self.region[1]).contiguous(), right=True) - 1
+        reach = transmittance[:n, :, 0].gather(1, last.clamp_min(0))
+        return torch.where(last >= 0, reach, torch.ones_like(reach)).detach().reshape(-1)
 
     def unbiased_fraction(self) -> float:
         """Weight of the unbiased opacity in the blend (0 during the paper warm-up, then 1)."""
