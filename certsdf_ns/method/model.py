@@ -262,12 +262,13 @@ class CertSDFModel(Model):
         cfg.background_model = kind  # what was built, in the saved config (as the backend)
         if cfg.unbiased_warmup_steps is None:
             cfg.unbiased_warmup_steps = 20 if kind == "none" else 100
-        if cfg.fill_carve_start_step is None:  # resolved once, into the saved config
-            alpha_or_masks = kind == "none" or bool(metadata.get(FOREGROUND_MASKS_KEY))
+        # Alpha or object masks say where space is free; a real capture without them does not (resolved once,
+        # into the saved config).
+        alpha_or_masks = kind == "none" or bool(metadata.get(FOREGROUND_MASKS_KEY))
+        if cfg.fill_carve_start_step is None:
             cfg.fill_carve_start_step = 0 if alpha_or_masks else REAL_FILL_ONLY_STEPS
         if cfg.fill_depth is None:
-            alpha_or_masks = kind == "none" or bool(metadata.get(FOREGROUND_MASKS_KEY))
-            cfg.fill_depth = math.inf if alpha_or_masks or self.region is None else REAL_FILL_DEPTH_RADII
+            cfg.fill_depth = math.inf if alpha_or_masks else REAL_FILL_DEPTH_RADII
         if kind != "none":
             assert self.region is not None
             self.background_field = build_background_field(

@@ -1,0 +1,55 @@
+"""A mesh seen from the front, the side and behind: what the held-out views never show.
+
+    python certsdf_ns/scripts/mesh_around.py DATA MESH.ply OUT.png CX CY CZ
+
+DATA is the scene folder (any format certsdf detects); MESH is in the dataparser's frame (the bench's
+meshes, `RESULTS/real/runs/*/meshes/`), and (CX, CY, CZ) is the region's centre in that frame (the
+`region of interest` line of ns-train). The first training camera looks at the centre from its own
+distance; it is then turned 90° and 180° about its up axis. A capture sees its object from one side, so
+space filled behind the object, or the room painted on the region's far wall, shows only from behind.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import trimesh
+
+from certsdf_ns.bench.meshes import cast_mesh
+from certsdf_ns.data.dataparser import CertSDFDataParserConfig
+
+
+def look_at(position: np.ndarray, centre: np.ndarray, up: np.ndarray) -> torch.Tensor:
+    """A nerfstudio (OpenGL) camera-to-world [3, 4] at `position` looking at `centre`."""
+    forward = (centre - position) / np.linalg.norm(centre - position)
+    right = np.cross(forward, up)
+    right /= np.linalg.norm(right)
+    return torch.tensor(np.stack([right, np.cross(right, forward), -forward, position], axis=1), dtype=torch.float32)
+
+
+def main(data: Path, mesh_path: Path, out: Path, centre: np.ndarray) -> None:
+    from PIL import Image
+
+    camera = CertSDFDataParserConfig(data=data).setup().get_dataparser_outputs("train").cameras[0:1]
+    camera.rescale_output_resolution(0.5)
+    pose = camera.camera_to_worlds[0].numpy()
+    offset, up = pose[:, 3] - centre, pose[:, 1]
+    mesh = trimesh.load(mesh_path, force="mesh")
+    panels = []
+    for angle in (0.0, 90.0, 180.0):
+        turn = trimesh.transformations.rotation_matrix(np.radians(angle), up)[:3, :3]
+        camera.camera_to_worlds[0] = look_at(centre + turn @ offset, centre, up)
+        view = cast_mesh(mesh, camera)
+        panels.append(np.where(view.hit, 0.15 + 0.8 * view.shade, 1.0))
+        panels.append(np.ones((panels[-1].shape[0], 4)))
+    strip = np.concatenate(panels[:-1], axis=1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(np.clip(strip, 0.0, 1.0) * 255).astype(np.uint8)).save(out)
+    print(f"front, side, behind -> {out}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), np.array([float(v) for v in sys.argv[4:7]]))
