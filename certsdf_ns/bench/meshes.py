@@ -163,6 +163,10 @@ class MeshView:
     shade: np.ndarray
     """[H, W] in [0, 1]: |n · d| of the first face hit (headlight at the camera), 0 where missed."""
 
+    def grey(self) -> np.ndarray:
+        """[H, W] in [0, 1]: the mesh in grey, shaded, on white (the bench's and the scripts' pictures)."""
+        return np.where(self.hit, 0.15 + 0.8 * self.shade, 1.0)
+
 
 def cast_mesh(mesh: trimesh.Trimesh, camera) -> MeshView:
     """Cast one ray per pixel of a one-camera nerfstudio `Cameras` (its own ray generation,
@@ -212,16 +216,18 @@ def silhouette_scores(mesh: trimesh.Trimesh, cameras, masks: Sequence, labels: S
 def mesh_picture(path: Path, mesh: trimesh.Trimesh, camera, image) -> Path:
     """PNG: the mesh seen from `camera` (grey, Lambertian shading of the hit normals, white
     background) next to the ground-truth image from the same camera."""
-    from PIL import Image
-
-    view = cast_mesh(mesh, camera)
-    grey = np.where(view.hit, 0.15 + 0.8 * view.shade, 1.0)
-    left = np.repeat(grey[..., None], 3, axis=-1)
+    left = np.repeat(cast_mesh(mesh, camera).grey()[..., None], 3, axis=-1)
     right = image.cpu().numpy() if torch.is_tensor(image) else np.asarray(image, dtype=np.float64)
     if right.shape[:2] != left.shape[:2]:
         raise ValueError(f"the image is {right.shape[:2]} but the camera {left.shape[:2]}")
     gap = np.ones((left.shape[0], 4, 3))
-    picture = np.concatenate([left, gap, right[..., :3]], axis=1)
+    return save_picture(path, np.concatenate([left, gap, right[..., :3]], axis=1))
+
+
+def save_picture(path: Path, picture: np.ndarray) -> Path:
+    """PNG of an [H, W] or [H, W, 3] picture with values in [0, 1]."""
+    from PIL import Image
+
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.round(np.clip(picture, 0.0, 1.0) * 255).astype(np.uint8)).save(path)
     return path

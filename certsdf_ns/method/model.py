@@ -635,8 +635,8 @@ class CertSDFModel(Model):
         """Weight of each of the first n rays' samples in the occluded-space prior: the transmittance
         `fill_depth` region radii in front of the sample (at the last interval edge there or before), i.e.
         the probability that the ray had not yet met a surface that far before. None: no limit."""
-        depth = self.config.fill_depth
-        if depth is None or math.isinf(depth) or self.region is None:
+        depth = self.config.fill_depth  # resolved in populate_modules
+        if math.isinf(depth) or self.region is None:  # no limit, or no region to measure it in
             return None
         starts = samples.frustums.starts[:n, :, 0]
         edges = torch.cat([starts, samples.frustums.ends[:n, -1:, 0]], dim=1)  # contiguous intervals

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import trimesh
 
-from certsdf_ns.bench.meshes import cast_mesh
+from certsdf_ns.bench.meshes import cast_mesh, save_picture
 from certsdf_ns.data.dataparser import CertSDFDataParserConfig
 
 
@@ -31,8 +31,6 @@ def look_at(position: np.ndarray, centre: np.ndarray, up: np.ndarray) -> torch.T
 
 
 def main(data: Path, mesh_path: Path, out: Path, centre: np.ndarray) -> None:
-    from PIL import Image
-
     camera = CertSDFDataParserConfig(data=data).setup().get_dataparser_outputs("train").cameras[0:1]
     camera.rescale_output_resolution(0.5)
     pose = camera.camera_to_worlds[0].numpy()
@@ -42,12 +40,9 @@ def main(data: Path, mesh_path: Path, out: Path, centre: np.ndarray) -> None:
     for angle in (0.0, 90.0, 180.0):
         turn = trimesh.transformations.rotation_matrix(np.radians(angle), up)[:3, :3]
         camera.camera_to_worlds[0] = look_at(centre + turn @ offset, centre, up)
-        view = cast_mesh(mesh, camera)
-        panels.append(np.where(view.hit, 0.15 + 0.8 * view.shade, 1.0))
+        panels.append(cast_mesh(mesh, camera).grey())
         panels.append(np.ones((panels[-1].shape[0], 4)))
-    strip = np.concatenate(panels[:-1], axis=1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round(np.clip(strip, 0.0, 1.0) * 255).astype(np.uint8)).save(out)
+    save_picture(out, np.concatenate(panels[:-1], axis=1))
     print(f"front, side, behind -> {out}")
 
 
