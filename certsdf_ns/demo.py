@@ -97,13 +97,12 @@ def to_panel(image: Float[np.ndarray, "H W 3"], title: str) -> Image.Image:
 def evaluate(config: Path, picture: Path, gt_mesh_path: Path) -> Tuple[dict, dict, Path]:
     """Test metrics, the exported mesh's geometry metrics, and the picture."""
     # Imported here: loading nerfstudio takes seconds, and argument errors should not wait for it.
-    from nerfstudio.utils.eval_utils import eval_setup
-
+    from certsdf_ns.export.run import load_run
     from certsdf_ns.export.geometry_eval import evaluate_mesh
     from certsdf_ns.export.mesh import extract_mesh
     from certsdf_ns.viewer.sdf_views import sdf_slice, sdf_slice_image
 
-    _, pipeline, _, _ = eval_setup(config, test_mode="test")
+    pipeline = load_run(config, test_mode="test").pipeline
     image_metrics = pipeline.get_average_eval_image_metrics()  # leaves the pipeline in training mode
     model = pipeline.model.eval()
 

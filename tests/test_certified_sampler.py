@@ -187,12 +187,12 @@ def test_a_fog_grid_costs_one_march_step() -> None:
 
 def test_trained_grid(trained_run) -> None:
     """Safety on a grid trained through `ns-train certsdf`, at its own band."""
-    from certsdf_ns.export.query import load_checkpoint_grid, read_model_config
+    from certsdf_ns.export.run import load_run
 
-    grid, _ = load_checkpoint_grid(trained_run.config)
-    model = read_model_config(trained_run.config)
+    model = load_run(trained_run.config).model
+    grid = model.field.geometry
     voxel = float(grid.voxel_size.min())
-    band = band_distance(float(model["sharpness_voxels"]) * voxel, float(model["band_opacity"]))
+    band = band_distance(model.config.sharpness_voxels * voxel, model.config.band_opacity)
     lo, hi = grid.aabb
     g = torch.Generator().manual_seed(8)
     d = torch.nn.functional.normalize(torch.randn(3000, 3, generator=g), dim=-1)

@@ -29,7 +29,8 @@ from certsdf_ns.data.datamanager import CertSDFDataset
 from certsdf_ns.data.dataparser import CertSDFDataParserConfig, DataFormatError, detect_format
 from certsdf_ns.data.neus import decompose_projection, opencv_to_opengl, world_to_sphere
 from certsdf_ns.data.validation import FOREGROUND_MASKS_KEY, MASK_BATCH_KEY, REAL_CAPTURE_KEY, REGION_KEY
-from certsdf_ns.export.mesh_export import read_dataparser_transform, to_original_frame
+from certsdf_ns.export.mesh_export import to_original_frame
+from certsdf_ns.export.run import read_frame
 
 REAL = SHARED / "real"
 needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} is absent: the shared real captures are not mounted")
@@ -261,7 +262,7 @@ def test_mesh_frame_goes_back_to_dtu_millimetres(tmp_path) -> None:
     undoing the saved dataparser transform the way certsdf-export does."""
     outputs = CertSDFDataParserConfig(data=REAL / "dtu_scan65").setup().get_dataparser_outputs("train")
     outputs.save_dataparser_transform(tmp_path / "dataparser_transforms.json")
-    transform, scale = read_dataparser_transform(tmp_path)
+    transform, scale = read_frame(tmp_path)
     scale_mat = np.load(REAL / "dtu_scan65" / "cameras_sphere.npz")["scale_mat_0"].astype(np.float64)
     sphere = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, -0.5, 0.5], [0.3, 0.2, -0.9]])
     mesh = trimesh.Trimesh(sphere, [[0, 1, 2], [0, 2, 3]], process=False)
@@ -575,7 +576,7 @@ def test_dtu_trains_with_masks_and_exports_in_millimetres(cli_runs) -> None:
     run_dir = cli_runs["root"] / "out" / "dtu" / "certsdf" / "run"
     assert "eval_every: 7" in (run_dir / "config.yml").read_text()
     assert list((run_dir / "nerfstudio_models").glob("step-*.ckpt"))
-    transform, scale = read_dataparser_transform(run_dir)
+    transform, scale = read_frame(run_dir)
     origin = to_original_frame(trimesh.Trimesh([[0.0, 0, 0], [0.1, 0, 0], [0, 0.1, 0]], [[0, 1, 2]], process=False), transform, scale)
     np.testing.assert_allclose(origin.vertices[0], [-28.094833, -27.979301, 640.4341], atol=2e-3)
     np.testing.assert_allclose(np.linalg.norm(origin.vertices[1] - origin.vertices[0]), 0.1 * 164.60439, rtol=1e-5)

@@ -30,6 +30,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from certsdf_ns.bench.offline import prepare_offline_peers
+from certsdf_ns.export.run import load_run
 
 
 @dataclass
@@ -49,16 +50,10 @@ class ImageMetrics:
 
 
 def load_pipeline(config_path: Path, first_step: int):
-    """nerfstudio's eval_setup, loading checkpoint `first_step`; returns (config, pipeline)."""
+    """The run (certsdf's or a peer's) with checkpoint `first_step` loaded; returns (config, pipeline)."""
     prepare_offline_peers(announce=False)
-    from nerfstudio.utils.eval_utils import eval_setup
-
-    def at_step(config):
-        config.load_step = int(first_step)
-        return config
-
-    config, pipeline, _, _ = eval_setup(Path(config_path), test_mode="inference", update_config_callback=at_step)
-    return config, pipeline
+    run = load_run(Path(config_path), int(first_step), method=None)
+    return run.config, run.pipeline
 
 
 def test_views(scene: Path, scale_factor: float, n_views: int) -> Tuple[object, List[torch.Tensor]]:

@@ -28,8 +28,8 @@ from typing import Dict
 
 import torch
 
-from certsdf_ns.bench.evaluate import load_pipeline, test_views
-from certsdf_ns.export.query import latest_checkpoint
+from certsdf_ns.bench.evaluate import test_views
+from certsdf_ns.export.run import load_run
 from certsdf_ns.method.model import SampleBudget
 
 REFERENCE = SampleBudget(coarse=512, fine=64, colour=8)
@@ -103,9 +103,7 @@ def skipped_contribution(model, camera, dense: int = 512) -> Dict[str, float]:
 def sampler_equivalence(
     config: Path, scene: Path, scale_factor: float = 1.0, n_views: int = 5, reference_budget: SampleBudget = REFERENCE
 ) -> Dict[str, float]:
-    step = int(latest_checkpoint(Path(config).parent / "nerfstudio_models").stem.split("-")[1])
-    _, pipeline = load_pipeline(Path(config), step)
-    model = pipeline.model.eval()
+    model = load_run(Path(config)).model.eval()
     cameras, images = test_views(Path(scene), scale_factor, n_views)
     cfg = model.config
     saved = cfg.sampler

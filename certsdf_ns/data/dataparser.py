@@ -3,7 +3,7 @@
 `ns-train certsdf --data DIR` takes no dataparser subcommand: this parser looks at DIR,
 picks nerfstudio's own Blender, Nerfstudio or COLMAP parser (or :mod:`certsdf_ns.data.neus`
 for NeuS/IDR, which nerfstudio does not read), and applies the matching preset from
-`data_configs/`. Every scene is checked first (:mod:`certsdf_ns.data.validation`), so bad
+`data_configs/` (shipped inside the package as ``certsdf_ns.data_configs``). Every scene is checked first (:mod:`certsdf_ns.data.validation`), so bad
 input ends in one message naming the file, exit status 2.
 
 It also fixes one trap of nerfstudio's Blender parser: trimmed copies of NeRF-synthetic often
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional, Tuple, Type
@@ -44,7 +45,6 @@ from certsdf_ns.data.validation import (
 )
 from certsdf_ns.errors import CertSDFInputError, exit_cleanly
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "data_configs"
 Format = Literal["blender", "nerfstudio", "neus", "colmap"]
 # What each format needs, for the error on a folder certsdf cannot read.
 FORMAT_FILES = {
@@ -116,11 +116,16 @@ def has_sparse_ply(data: Path) -> bool:
     return isinstance(ply, str) and (meta_path.parent / ply).is_file()
 
 
-def load_preset(fmt: Format, preset_dir: Path = PRESET_DIR) -> Dict[str, Any]:
-    """The dataset preset for a format; keys starting with '_' are comments."""
-    path = preset_dir / f"{fmt}.json"
-    with open(path, encoding="utf-8") as f:
-        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+def load_preset(fmt: Format, preset_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """The dataset preset for a format (from `preset_dir`, or the presets shipped with the package when
+    None); keys starting with '_' are comments."""
+    path = resources.files("certsdf_ns.data_configs") if preset_dir is None else Path(preset_dir)
+    preset = path / f"{fmt}.json"
+    try:
+        text = preset.read_text(encoding="utf-8")
+    except OSError as err:
+        raise DataFormatError(f"dataset preset {preset} cannot be read ({err.strerror or err}).") from err
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 
 class BlenderWithValFallback(Blender):
@@ -151,8 +156,8 @@ class CertSDFDataParserConfig(DataParserConfig):
     """Scene folder (or a nerfstudio transforms.json)."""
     format: Literal["auto", "blender", "nerfstudio", "neus", "colmap"] = "auto"
     """Input format; 'auto' detects it from the files present."""
-    preset_dir: Path = PRESET_DIR
-    """Folder of per-format presets (`blender.json`, `nerfstudio.json`, `neus.json`, `colmap.json`)."""
+    preset_dir: Optional[Path] = None
+    """Folder of per-format presets (`blender.json`, `nerfstudio.json`, `neus.json`, `colmap.json`); None: the package's own."""
     eval_every: int = 8
     """NeuS/IDR and COLMAP: every N-th view (0, N, 2N, …) is held out for evaluation; 0 trains and evaluates
     on all views. Blender scenes use their split files; transforms.json its preset's split (nerfstudio's 90/10)."""

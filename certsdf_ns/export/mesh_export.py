@@ -29,7 +29,6 @@ with code 2 and one message, a checkpoint without a surface exits with code 1.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -41,7 +40,6 @@ import numpy as np
 import torch
 import trimesh
 import tyro
-import yaml
 from jaxtyping import Float
 from rich.table import Table
 
@@ -51,7 +49,7 @@ from certsdf_ns.errors import CertSDFInputError
 from certsdf_ns.export.mesh import NoSurfaceError, check_lattice_args, extract_mesh, lattice_counts
 from certsdf_ns.export.query import CertifiedSDF
 from certsdf_ns.output_paths import OutputLocationError, check_writable_dir
-from certsdf_ns.training.run_folder import check_checkpoint_folder
+from certsdf_ns.export.run import load_run, read_run_config
 
 MESH_NAME = "certsdf_mesh"
 EXPORT_BYTES_PER_SAMPLE = 16
@@ -116,19 +114,6 @@ def write_sdf_grid(geometry: CertifiedSDFGrid, path: Path, margin_voxels: float,
 # --------------------------------------------------------------------------- frames
 
 
-def read_dataparser_transform(run_dir: Path) -> Tuple[np.ndarray, float]:
-    """(3×4 transform, scale) that nerfstudio applied to the poses: x_ns = scale·(T·[x; 1])."""
-    path = run_dir / "dataparser_transforms.json"
-    data = json.loads(path.read_text())
-    transform = np.asarray(data["transform"], dtype=np.float64)
-    if transform.shape != (3, 4) or not np.isfinite(transform).all():
-        raise ValueError(f"{path}: 'transform' must be a finite 3x4 matrix, got shape {transform.shape}")
-    scale = float(data["scale"])
-    if not np.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{path}: 'scale' must be a positive number, got {data['scale']}")
-    return transform, scale
-
-
 def to_original_frame(mesh: trimesh.Trimesh, transform: np.ndarray, scale: float) -> trimesh.Trimesh:
     """Undo x_ns = scale·(T·[x; 1]): x = T⁻¹·[x_ns / scale; 1] (what ns-export's
     --save-world-frame does for point clouds); faces are flipped if T⁻¹ reflects."""
@@ -145,23 +130,6 @@ def to_original_frame(mesh: trimesh.Trimesh, transform: np.ndarray, scale: float
 
 class UsageError(ValueError):
     """Bad input: reported in one line with exit code 2."""
-
-
-def _read_config(config_path: Path):
-    """The run's config.yml, checked to be a certsdf run whose scene is still there."""
-    if not config_path.is_file():
-        raise UsageError(f"--load-config {config_path}: no such file (pass the config.yml of an ns-train run)")
-    try:
-        config = yaml.load(config_path.read_text(), Loader=yaml.Loader)
-    except yaml.YAMLError as exc:
-        raise UsageError(f"--load-config {config_path}: not a readable YAML config ({exc.__class__.__name__})") from exc
-    if getattr(config, "method_name", None) != "certsdf":
-        found = getattr(config, "method_name", type(config).__name__)
-        raise UsageError(f"{config_path}: method is {found!r}, certsdf-export reads certsdf runs only")
-    data = Path(config.pipeline.datamanager.dataparser.data)
-    if not data.exists():
-        raise UsageError(f"{config_path}: the scene {data} it was trained on is missing (its scene box is needed)")
-    return config
 
 
 def lattice_samples(resolution: int, upsample: int, grid_resolution: int) -> int:
@@ -182,33 +150,6 @@ def check_lattice_memory(resolution: int, upsample: int, grid_resolution: int, a
     )
 
 
-def checkpoint_folder(config, run_dir: Path) -> Path:
-    """The run's checkpoint folder: next to config.yml when it is there (the run folder was moved
-    or copied; ns-train records absolute paths), else where the config says."""
-    local = run_dir / config.relative_model_dir
-    return local if local.is_dir() else Path(config.get_checkpoint_dir())
-
-
-def _load_pipeline(config_path: Path, config):
-    """eval_setup without loading images, tolerant of run folders moved after training."""
-    run_dir = config_path.resolve().parent
-    folder = checkpoint_folder(config, run_dir)
-    try:
-        check_checkpoint_folder(folder)
-    except CertSDFInputError as exc:
-        raise UsageError(str(exc)) from exc
-    from nerfstudio.utils.eval_utils import eval_setup  # slow (discovers every method): after the checks
-
-    def checkpoints_next_to_config(cfg):
-        cfg.get_checkpoint_dir = lambda: folder
-        return cfg
-
-    _, pipeline, checkpoint, step = eval_setup(
-        config_path, test_mode="inference", update_config_callback=checkpoints_next_to_config
-    )
-    return pipeline, checkpoint, step
-
-
 def export(cfg: MeshExportConfig) -> dict:
     """Run the export described by `cfg`; returns a summary (also printed by the CLI)."""
     import psutil
@@ -218,14 +159,14 @@ def export(cfg: MeshExportConfig) -> dict:
         check_writable_dir(cfg.output_dir, "--output-dir")
     except (ValueError, OutputLocationError) as exc:
         raise UsageError(str(exc)) from exc
-    config = _read_config(cfg.load_config)
+    config = read_run_config(cfg.load_config)
     check_lattice_memory(
         cfg.resolution, cfg.upsample, config.pipeline.model.grid_resolution, psutil.virtual_memory().available
     )
     timings = {}
     t0 = time.perf_counter()
-    pipeline, checkpoint, step = _load_pipeline(cfg.load_config, config)
-    field = pipeline.model.field
+    run = load_run(cfg.load_config)
+    field = run.model.field
     timings["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -239,13 +180,7 @@ def export(cfg: MeshExportConfig) -> dict:
     frame = "nerfstudio world frame"
     transform, scale = None, 1.0
     if cfg.frame == "original":
-        run_dir = cfg.load_config.resolve().parent
-        try:
-            transform, scale = read_dataparser_transform(run_dir)
-        except FileNotFoundError as exc:
-            raise UsageError(f"{exc.filename} is missing: use --frame nerfstudio to keep the model's frame") from exc
-        except (ValueError, KeyError) as exc:
-            raise UsageError(f"{run_dir / 'dataparser_transforms.json'}: unreadable ({exc})") from exc
+        transform, scale = run.frame()
         mesh = to_original_frame(mesh, transform, scale)
         frame = f"original scene frame (dataparser transform undone, scale {scale:.6g})"
 
@@ -261,8 +196,8 @@ def export(cfg: MeshExportConfig) -> dict:
         raise UsageError(f"cannot write {exc.filename or path}: {exc.strerror or exc}") from exc
     timings["write"] = time.perf_counter() - t0
     return {
-        "checkpoint": str(checkpoint),
-        "step": step,
+        "checkpoint": str(run.checkpoint),
+        "step": run.step,
         "vertices": len(mesh.vertices),
         "faces": len(mesh.faces),
         "watertight": bool(mesh.is_watertight),
@@ -290,7 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = tyro.cli(MeshExportConfig, args=argv)
     try:
         summary = export(cfg)
-    except UsageError as exc:
+    except (UsageError, CertSDFInputError) as exc:
         print(f"certsdf-export: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except NoSurfaceError as exc:

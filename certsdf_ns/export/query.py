@@ -1,7 +1,7 @@
-"""Certified distance queries for planners and other users of the geometry (no nerfstudio import).
+"""Certified distance queries for planners and other users of the geometry.
 
     from certsdf_ns.export.query import CertifiedSDF
-    sdf = CertifiedSDF.from_checkpoint("outputs/EXP/certsdf/TS/config.yml")   # or .from_npz("scene_sdf.npz")
+    sdf = CertifiedSDF.from_checkpoint("outputs/EXP/certsdf/TS/config.yml")   # or .from_npz("certsdf_sdf.npz")
     res = sdf.query(points)            # distance [N], gradient [N, 3] (unit, outward), inside [N]
     hit = sdf.raycast(origins, dirs)   # first hit by safe sphere tracing: t, points, normals, hit mask
 
@@ -27,7 +27,6 @@ ball-and-box grid at σ = 2 voxels, 1.33 at σ = 1; trained grids measured 0.75�
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from certsdf_ns.certified import CertifiedSDFGrid, annealed, max_certified_distance, node_gradient, sample_grid
+from certsdf_ns.certified import CertifiedSDFGrid, max_certified_distance, node_gradient, sample_grid
 
 DEFAULT_MARGIN_VOXELS = 1.0
 """Default safety margin in voxels of the occupancy grid (validated in the README)."""
@@ -153,11 +152,14 @@ class CertifiedSDF:
         cls, config: Union[str, Path], step: Optional[int] = None, safety_margin: Optional[float] = None,
         frame: Frame = "original",
     ) -> "CertifiedSDF":  # fmt: skip
-        """From an ns-train run: `config.yml` and `nerfstudio_models/step-*.ckpt` next to it (latest, or
-        `step`). Reads the occupancy logits, the box and σ at that step; no trainer, no data."""
-        grid, run_dir = load_checkpoint_grid(Path(config), step)
-        transform, scale = (None, 1.0) if frame == "nerfstudio" else read_frame(run_dir)
-        return cls.from_grid(grid, safety_margin, transform=transform, scale=scale)
+        """From an ns-train run (its `config.yml`; the newest checkpoint, or `step`): the grid exactly as the
+        model had it (σ at that step, a real capture's region ball), through :func:`certsdf_ns.export.run.load_run`.
+        Needs nerfstudio and the scene's folder; `from_npz` needs neither."""
+        from certsdf_ns.export.run import load_run
+
+        run = load_run(Path(config), step)
+        transform, scale = (None, 1.0) if frame == "nerfstudio" else run.frame()
+        return cls.from_grid(run.model.field.geometry, safety_margin, transform=transform, scale=scale)
 
     @classmethod
     def from_npz(cls, path: Union[str, Path], safety_margin: Optional[float] = None) -> "CertifiedSDF":
@@ -291,75 +293,3 @@ NPZ_DOC = (
     "in original units is trilinear(sdf, x_grid) / scale. sigma, voxel_size, aabb are in grid-frame units; "
     "safety_margin and max_distance (= sigma·Φ⁻¹(1−eps)/scale) in original units."
 )
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _lenient_yaml_loader():
-    """A YAML loader that reads ns-train's config.yml into plain dicts and lists, without importing
-    the nerfstudio classes its python/* tags name."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    def construct(loader, suffix, node):
-        if isinstance(node, yaml.MappingNode):
-            return loader.construct_mapping(node, deep=True)
-        if isinstance(node, yaml.SequenceNode):
-            return loader.construct_sequence(node, deep=True)
-        return loader.construct_scalar(node)
-
-    Loader.add_multi_constructor("tag:yaml.org,2002:python/", construct)
-    return Loader
-
-
-def read_model_config(config_path: Path) -> dict:
-    """`pipeline.model` of an ns-train config.yml, as a dict."""
-    import yaml
-
-    config = yaml.load(Path(config_path).read_text(), Loader=_lenient_yaml_loader())
-    if config.get("method_name") != "certsdf":
-        raise ValueError(f"{config_path}: method is {config.get('method_name')!r}, not certsdf")
-    return config["pipeline"]["model"]
-
-
-def latest_checkpoint(model_dir: Path, step: Optional[int] = None) -> Path:
-    ckpts = sorted(model_dir.glob("step-*.ckpt"), key=lambda p: int(p.stem.split("-")[1]))
-    if step is not None:
-        ckpts = [p for p in ckpts if int(p.stem.split("-")[1]) == step]
-    if not ckpts:
-        raise FileNotFoundError(f"no checkpoint {'step ' + str(step) if step is not None else 'step-*.ckpt'} in {model_dir}")
-    return ckpts[-1]
-
-
-def load_checkpoint_grid(config_path: Path, step: Optional[int] = None) -> Tuple[CertifiedSDFGrid, Path]:
-    """(CertifiedSDFGrid with the checkpoint's logits, box and σ at its step; the run folder)."""
-    run_dir = Path(config_path).resolve().parent
-    model = read_model_config(config_path)
-    ckpt_path = latest_checkpoint(run_dir / "nerfstudio_models", step)
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    pipeline = state["pipeline"]
-    logits = pipeline["_model.field.geometry.logits"]
-    aabb = pipeline["_model.field.geometry.aabb"]
-    voxel = float(((aabb[1] - aabb[0]) / (int(model["grid_resolution"]) - 1)).min())
-    # The model's schedule (CertSDFModel.scheduled_smoothing), with a budgeted run's shifted start and
-    # stretched length (configs older than those settings have neither).
-    sigma_voxels = annealed(
-        float(model["sigma_start_voxels"]), float(model["sigma_voxels"]), int(state["step"]), int(model["anneal_steps"]),
-        int(model.get("anneal_start_step", 0)), float(model.get("anneal_stretch", 1.0)),
-    )  # fmt: skip
-    grid = CertifiedSDFGrid(tuple(logits.shape), aabb, sigma=sigma_voxels * voxel, eps=float(model["eps"]))
-    with torch.no_grad():
-        grid.logits.copy_(logits)
-    return grid, run_dir
-
-
-def read_frame(run_dir: Path) -> Tuple[Optional[np.ndarray], float]:
-    """(3×4 transform, scale) from dataparser_transforms.json; identity when the file is absent."""
-    path = Path(run_dir) / "dataparser_transforms.json"
-    if not path.is_file():
-        return None, 1.0
-    data = json.loads(path.read_text())
-    return np.asarray(data["transform"], dtype=np.float64), float(data["scale"])

@@ -58,7 +58,6 @@ from certsdf_ns.training.optim import fit_scheduler_to_plan
 from certsdf_ns.errors import CertSDFInputError, exit_cleanly
 from certsdf_ns.training.config_checks import check_model_config
 from certsdf_ns.training.run_folder import (
-    CHECKPOINT_NAME,
     SAVE_OVERHEAD_BYTES,
     check_checkpoint_folder,
     check_no_newer_checkpoints,
@@ -272,11 +271,8 @@ def newest_complete_checkpoint(folder: Path) -> Tuple[Path, Dict[str, Any]]:
     """
     if not folder.is_dir():
         raise CertSDFInputError(f"--load-dir {folder} is not a folder (expected .../nerfstudio_models).")
-    found = sorted(
-        (int(m.group(1)), folder / name) for name in os.listdir(folder) if (m := CHECKPOINT_NAME.fullmatch(name))
-    )
     skipped = []
-    for _, path in reversed(found):
+    for path in reversed(checkpoints_in(folder)):
         try:
             state = torch.load(path, map_location="cpu")
         except Exception as err:  # truncated zips and bad pickles raise many types; all mean "unusable"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Set up (or reuse) the project's virtual environment at .venv/ in the repository root.
+# Set up (or reuse) the project's virtual environment at .venv/ in the repository root, with the
+# exact CPU versions this project is tested with (scripts/constraints-cpu.txt).
 # Idempotent: a second run only checks that everything is in place (a few seconds).
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PYTHON="${PYTHON:-python3}"
 
@@ -23,11 +24,11 @@ fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=.venv/.certsdf-installed
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(cat pyproject.toml scripts/constraints-cpu.txt | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "[setup] installing certsdf-ns and its pinned dependencies into .venv (a few minutes the first time)"
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  echo "[setup] installing certsdf-ns (editable) and the tested CPU versions of its dependencies into .venv (a few minutes the first time)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c scripts/constraints-cpu.txt -e '.[dev]' 2> >(grep -v "^WARNING: Location 'file:" >&2)
   echo "$want" > "$stamp"
 fi
-.venv/bin/python -c "import certsdf_ns.method_config" >/dev/null
+.venv/bin/python -W ignore -c "import certsdf_ns.method_config" >/dev/null  # fails loudly on a broken install
 echo "[setup] ready: $ROOT/.venv"
