@@ -594,3 +594,37 @@ def test_phone_captures_get_past_dataparsing_and_train(scene, fmt, cli_runs) -> 
     run_dir = cli_runs["root"] / "out" / scene / "certsdf" / "run"
     assert list((run_dir / "nerfstudio_models").glob("step-*.ckpt"))
     assert "background_model: grid" in (run_dir / "config.yml").read_text()
+
+
+@needs_real
+def test_query_api_agrees_with_the_trained_model_on_a_real_capture(cli_runs) -> None:
+    """`CertifiedSDF.from_checkpoint` gives the model's own certified SDF on a real capture: the region
+    ball zeroes the occupancy outside it (box corners), σ is the schedule's at the checkpoint's step, and
+    the original frame is the dataparser's transform undone."""
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    from certsdf_ns.export.query import CertifiedSDF
+
+    proc = cli_runs["fruit"].result()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    config = cli_runs["root"] / "out" / "fruit" / "certsdf" / "run" / "config.yml"
+    _, pipeline, _, step = eval_setup(config, test_mode="inference")  # nerfstudio's own loading, as ns-eval does
+    model = pipeline.model
+    assert model.region is not None  # a real capture: the grid's box is the region ball's
+    lo, hi = model.field.aabb
+    corners = torch.stack(torch.meshgrid(*[torch.stack([lo[i], hi[i]]) for i in range(3)], indexing="ij"), -1).reshape(-1, 3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([corners, lo + (hi - lo) * torch.rand(2000, 3, generator=g)])
+    expected = model.field.sdf_at(x).detach()
+
+    sdf = CertifiedSDF.from_checkpoint(config, safety_margin=0.0, frame="nerfstudio")
+    torch.testing.assert_close(sdf.distance(x), expected, atol=1e-5, rtol=0)
+    assert sdf.sigma == pytest.approx(model.scheduled_smoothing(step)[0] * model.voxel)
+    # Outside the ball nothing is the object: the corners lie at positive distance.
+    assert bool((sdf.distance(corners) > 0).all())
+
+    original = CertifiedSDF.from_checkpoint(config, safety_margin=0.0)
+    transform, scale = read_frame(config.parent)
+    full = np.vstack([transform, [0.0, 0.0, 0.0, 1.0]])
+    x_original = torch.from_numpy((np.linalg.inv(full) @ np.c_[x.numpy() / scale, np.ones(len(x))].T).T[:, :3]).float()
+    torch.testing.assert_close(original.distance(x_original), expected / scale, atol=1e-5 / scale, rtol=1e-4)
