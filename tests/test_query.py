@@ -139,32 +139,23 @@ def test_npz_round_trip_keeps_values_margin_and_frame(tmp_path: Path) -> None:
     assert float((loaded.distance(x).double() - exact).abs().max()) < 0.1 * VOXEL
 
 
-def test_loads_a_checkpoint_without_nerfstudio(tmp_path: Path) -> None:
-    """config.yml (python-tagged YAML as ns-train writes it) + step-*.ckpt: logits, box, σ at the step."""
-    run = tmp_path / "run"
-    (run / "nerfstudio_models").mkdir(parents=True)
-    (run / "config.yml").write_text(
-        "!!python/object:certsdf_ns.trainer.CertSDFTrainerConfig\n"
-        "method_name: certsdf\n"
-        "pipeline: !!python/object:nerfstudio.pipelines.base_pipeline.VanillaPipelineConfig\n"
-        "  model: !!python/object:certsdf_ns.certsdf_model.CertSDFModelConfig\n"
-        "    _target: !!python/name:certsdf_ns.certsdf_model.CertSDFModel ''\n"
-        "    grid_resolution: 48\n    sigma_start_voxels: 4.0\n    sigma_voxels: 1.0\n    anneal_steps: 100\n"
-        "    eps: 1.0e-05\n"
-    )
-    grid = CertifiedSDFGrid(R, AABB, sigma=2 * VOXEL)
-    grid.set_occupancy((grid.grid_points().norm(dim=-1) <= RADIUS).float())
-    pipeline = {"_model.field.geometry.logits": grid.logits.detach().clone(), "_model.field.geometry.aabb": grid.aabb.clone()}
-    torch.save({"step": 50, "pipeline": pipeline}, run / "nerfstudio_models" / "step-000000050.ckpt")
-    loaded = CertifiedSDF.from_checkpoint(run / "config.yml", safety_margin=0.0)
-    # σ at step 50 of a log-linear 4 → 1 voxel schedule over 100 steps: 2 voxels.
-    assert loaded.sigma == pytest.approx(2 * VOXEL, rel=1e-5)
-    x = random_points(500)
-    grid.sigma = loaded.sigma  # the model computes σ from a float32 voxel: bitwise the same grid then
-    diff = (loaded.distance(x) - grid.sdf(x).detach()).abs().max()
-    assert float(diff) < 1e-5, float(diff)
-    with pytest.raises(FileNotFoundError):
-        CertifiedSDF.from_checkpoint(run / "config.yml", step=7)
+def test_from_checkpoint_loads_the_step_asked_for(trained_run) -> None:
+    """`step` picks that checkpoint (σ from the model's schedule at it); a step the run never saved is
+    refused with the steps it has."""
+    from certsdf_ns.errors import CertSDFInputError
+    from certsdf_ns.export.run import load_run
+
+    run = load_run(trained_run.config, step=100)
+    assert run.step == 100 and run.checkpoint.name == "step-000000100.ckpt"
+    early = CertifiedSDF.from_checkpoint(trained_run.config, step=100, safety_margin=0.0, frame="nerfstudio")
+    late = CertifiedSDF.from_checkpoint(trained_run.config, safety_margin=0.0, frame="nerfstudio")
+    model = run.model
+    assert early.sigma == pytest.approx(model.scheduled_smoothing(100)[0] * model.voxel)
+    x = run.model.field.aabb[0] + (run.model.field.aabb[1] - run.model.field.aabb[0]) * torch.rand(500, 3)
+    torch.testing.assert_close(early.distance(x), model.field.sdf_at(x).detach(), atol=1e-5, rtol=0)
+    assert float((early.distance(x) - late.distance(x)).abs().max()) > 1e-3  # 200 more steps moved the surface
+    with pytest.raises(CertSDFInputError, match=r"no checkpoint of step 7 \(it has steps 100, 200, 299\)"):
+        CertifiedSDF.from_checkpoint(trained_run.config, step=7)
 
 
 def test_write_sdf_grid_stores_the_margin_in_voxels(tmp_path: Path) -> None:

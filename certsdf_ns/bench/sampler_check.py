@@ -103,7 +103,8 @@ def skipped_contribution(model, camera, dense: int = 512) -> Dict[str, float]:
 def sampler_equivalence(
     config: Path, scene: Path, scale_factor: float = 1.0, n_views: int = 5, reference_budget: SampleBudget = REFERENCE
 ) -> Dict[str, float]:
-    model = load_run(Path(config)).model.eval()
+    run = load_run(Path(config))
+    step, model = run.step, run.model.eval()
     cameras, images = test_views(Path(scene), scale_factor, n_views)
     cfg = model.config
     saved = cfg.sampler
