@@ -2,9 +2,11 @@
 CLI, exit status 2 with one message naming the file and the camera, and no traceback.
 
 One tiny generated scene (16 px, 10 views) is written in all four formats (Blender, transforms.json,
-NeuS/IDR, COLMAP); each case breaks a copy. The CLI runs go two at a time from one module fixture, and
-every refusal comes before any image is opened. Masks without a boundary are not refused: the set is
-dropped with a warning and training goes on. The checks also pass on the shared real captures.
+NeuS/IDR, COLMAP); each case breaks a copy. Every case goes through the dataparser that ns-train calls
+(SystemExit 2, the paragraph on stderr); one case per format, and the masks, through the `ns-train` CLI
+itself, two processes at a time from one module fixture (each spends ~10 s of CPU importing). Masks
+without a boundary are not refused: the set is dropped with a warning and training goes on. The checks
+also pass on the shared real captures.
 """
 
 from __future__ import annotations
@@ -223,6 +225,8 @@ REFUSED = [
     ("colmap-slider", "colmap", _colmap_poses(_slider),
      ["do not look at a common point", "in the images of 0 of the", "(not in r_", "--pipeline.datamanager.dataparser.region"]),
 ]  # fmt: skip
+CLI_CASES = ["blender-same-pose", "nerfstudio-frame-focal-nan", "neus-zero-world-mat", "colmap-slider"]
+"""One refusal per format through the real `ns-train` (the slider also reaches the region and the line warning)."""
 # Masks without a boundary: trained on without them, with a warning naming the file and what the masks are.
 DROPPED_MASKS = [
     ("neus-masks-all-white", "neus", _masks("neus", 255), ["cameras_sphere.npz: none of the 10 masks", "10 all white"]),
@@ -241,7 +245,7 @@ def cli_runs(scenes, tmp_path_factory) -> Dict[str, Future]:
     root = tmp_path_factory.mktemp("degenerate_cli")
     pool = ThreadPoolExecutor(max_workers=2)
     runs: Dict[str, Future] = {}
-    for case, fmt, breaker, _ in REFUSED + DROPPED_MASKS:
+    for case, fmt, breaker, _ in [c for c in REFUSED if c[0] in CLI_CASES] + DROPPED_MASKS:
         data = root / case
         shutil.copytree(scenes[fmt], data)
         breaker(data)
@@ -265,7 +269,24 @@ def test_intact_scenes_are_accepted(scenes, capsys) -> None:
 
 
 @pytest.mark.parametrize("case,fmt,breaker,expected", REFUSED, ids=[c[0] for c in REFUSED])
-def test_degenerate_cameras_are_refused_by_the_cli(case, fmt, breaker, expected, cli_runs) -> None:
+def test_degenerate_cameras_are_refused_by_the_dataparser(case, fmt, breaker, expected, scenes, tmp_path, capsys) -> None:
+    """What ns-train/ns-eval call: exit status 2, one paragraph naming the file and the camera."""
+    data = tmp_path / case
+    shutil.copytree(scenes[fmt], data)
+    breaker(data)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        CertSDFDataParserConfig(data=data).setup().get_dataparser_outputs("train")
+    assert exit_info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("certsdf error:") and err.count("certsdf error:") == 1 and str(data) in err, err
+    for text in expected:
+        assert text in err, (text, err)
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_degenerate_cameras_are_refused_by_the_cli(case, cli_runs) -> None:
+    expected = next(c[3] for c in REFUSED if c[0] == case)
     proc = cli_runs[case].result()
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]

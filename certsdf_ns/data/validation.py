@@ -62,9 +62,10 @@ Scale-free; 1e-6 is above the rounding of float32 poses (6e-8) and of JSON print
 COLLINEAR_TOLERANCE = 1e-4
 """Camera centres whose second principal spread is at most this fraction of the first lie on one line
 (real structure-from-motion poses, even from a slider, deviate from any line by more than 1e-3)."""
-MASK_OBJECT_LEVEL = {True: 0, False: 127}
-"""A mask pixel is set above this grey level: nerfstudio's sampling masks (True) read every non-zero pixel as set,
-certsdf's object masks (False) read grey/255 as the object's opacity, so set means above one half."""
+SAMPLING_MASK_LEVEL = 0
+"""A pixel of a sampling mask is set above this grey level (nerfstudio reads every non-zero pixel as set)."""
+OBJECT_MASK_LEVEL = 127
+"""A pixel of an object mask is set above this grey level (certsdf reads grey/255 as the object's opacity)."""
 BACKGROUND_KEY = "certsdf_background"
 """Dataparser metadata key: fixed background colour [3] for images without alpha."""
 REAL_CAPTURE_KEY = "certsdf_real_capture"
@@ -243,15 +244,14 @@ def check_camera_centres(centres: Float[np.ndarray, "N 3"], source: Path, names:
     if distance.max() <= SAME_POINT_TOLERANCE * np.linalg.norm(c, axis=1).max():
         at = ", ".join(f"{v:.4g}" for v in c[0])
         raise CertSDFInputError(
-            f"{source}: all {len(c)} cameras stand at the same point ({at}), from {names[0]} to {names[-1]}: "
-            "their poses differ at most in rotation, so there is no parallax to see depth from. A reconstruction "
-            "needs photographs taken from different positions around the object; if the poses are placeholders "
-            "(e.g. every transform_matrix the identity), compute real ones (ns-process-data, COLMAP)."
+            f"{source}: all {len(c)} cameras stand at the same point ({at}), {names[0]} to {names[-1]}: their poses "
+            "differ at most in rotation, so there is no parallax to see depth from. A reconstruction needs photographs "
+            "taken from different positions around the object; if the poses are placeholders (e.g. every pose the "
+            "identity), compute real ones (ns-process-data, COLMAP)."
         )
-    spread = np.linalg.svd(offsets, compute_uv=False)
+    _, spread, axes = np.linalg.svd(offsets, full_matrices=False)
     if spread[1] <= COLLINEAR_TOLERANCE * spread[0]:
-        axis = np.linalg.svd(offsets)[2][0]
-        along = offsets @ axis
+        along = offsets @ axes[0]
         start, end = int(along.argmin()), int(along.argmax())
         warn(
             f"{source}: all {len(c)} camera centres lie on one line, from {names[start]} to {names[end]}. Cameras on "
@@ -387,7 +387,7 @@ def check_mask_paths(
 def check_mask(mask: Path, image: Path, where: str, single_channel: bool = False) -> Optional[str]:
     """A mask must be readable and of its image's size (and one band for nerfstudio's loader, which
     `single_channel` also means: sampling masks). Returns "all black" or "all white" for a mask without
-    a boundary (no pixel, or every pixel, set; see MASK_OBJECT_LEVEL), else None."""
+    a boundary (no pixel, or every pixel, set; see SAMPLING_MASK_LEVEL, OBJECT_MASK_LEVEL), else None."""
     (mw, mh), _ = check_image(mask, where)
     with Image.open(image) as im:
         iw, ih = im.size
@@ -401,7 +401,7 @@ def check_mask(mask: Path, image: Path, where: str, single_channel: bool = False
                 "must be single-channel (L or 1)."
             )
         low, high = m.convert("L").getextrema()
-    level = MASK_OBJECT_LEVEL[single_channel]
+    level = SAMPLING_MASK_LEVEL if single_channel else OBJECT_MASK_LEVEL
     return "all black" if high <= level else "all white" if low > level else None
 
 
