@@ -16,7 +16,7 @@ import math
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import numpy as np
 import pytest
