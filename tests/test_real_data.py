@@ -227,7 +227,11 @@ def _write_neus_scene(root: Path, n: int = 9, size: Tuple[int, int] = (40, 30), 
     for sub in ("image",) + (("mask",) if masks else ()):
         (root / sub).mkdir()
         for i in range(n):
-            Image.new("RGB", size, (40 * (i % 6), 90, 200)).save(root / sub / f"{i:06d}.png")
+            picture = Image.new("RGB", size, (40 * (i % 6), 90, 200))
+            if sub == "mask":  # an object (white) on black: masks without a boundary would be dropped
+                picture = Image.new("L", size)
+                picture.paste(255, (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
+            picture.save(root / sub / f"{i:06d}.png")
     return worlds, scale_mat
 
 

@@ -30,7 +30,7 @@ from nerfstudio.data.scene_box import SceneBox
 
 from certsdf_ns.console import log, warn
 from certsdf_ns.data.neus import NEUS_CAMERAS, NeuSDataParserConfig, validate_neus
-from certsdf_ns.data.region import Region, region_box, region_from_cameras, region_to_dataparser_frame, tighten_to_points
+from certsdf_ns.data.region import Region, check_cameras_see, region_box, region_from_cameras, region_to_dataparser_frame, tighten_to_points
 from certsdf_ns.data.validation import (
     BACKGROUND_KEY,
     FOREGROUND_MASKS_KEY,
@@ -40,6 +40,7 @@ from certsdf_ns.data.validation import (
     background_for_rgb_images,
     check_colmap_masks,
     colmap_model_dir,
+    masks_carry_silhouettes,
     validate_colmap,
     validate_split,
 )
@@ -191,6 +192,7 @@ class CertSDFDataParser(DataParser):
         self._whole_scene_report: Optional[SplitReport] = None
         self.format: Optional[Format] = None
         self._region: Optional[Region] = None
+        self._masks_usable: Optional[bool] = None
 
     def mask_role(self) -> Literal["object", "sampling"]:
         if self.config.mask_role != "auto":
@@ -239,10 +241,10 @@ class CertSDFDataParser(DataParser):
     def _validate(self, split: str) -> SplitReport:
         data = Path(self.config.data)
         sampling_masks = self.mask_role() == "sampling"
-        if self.format in ("neus", "colmap") and self._whole_scene_report is not None:
+        if self.format in ("neus", "colmap", "nerfstudio") and self._whole_scene_report is not None:
             return self._whole_scene_report  # one camera file for every split: checked once
         if self.format == "neus":
-            self._whole_scene_report = validate_neus(data)
+            self._whole_scene_report = validate_neus(data, single_channel_masks=sampling_masks)
             return self._whole_scene_report
         if self.format == "colmap":
             parser = self.delegate()
@@ -253,7 +255,10 @@ class CertSDFDataParser(DataParser):
             self._whole_scene_report = report
             return report
         assert self.format is not None
-        return validate_split(data, self.format, split, single_channel_masks=sampling_masks)
+        report = validate_split(data, self.format, split, single_channel_masks=sampling_masks)
+        if self.format == "nerfstudio":
+            self._whole_scene_report = report  # transforms.json holds every split
+        return report
 
     def _generate_dataparser_outputs(self, split: str = "train", **kwargs: Any) -> DataparserOutputs:
         # Every frame is checked before nerfstudio's parser sees it: bad data ends in one
@@ -261,6 +266,8 @@ class CertSDFDataParser(DataParser):
         with exit_cleanly():
             parser = self.delegate()
             report = self._validate(split)
+            if self._masks_usable is None and self.config.use_masks:
+                self._masks_usable = masks_carry_silhouettes(report)  # the whole scene's masks, judged once
             outputs = parser.get_dataparser_outputs(split, **kwargs)
             if not report.has_alpha and self._rgb_capture is None:
                 # Photographs of real scenes are known to be such from their format; Blender and
@@ -273,7 +280,7 @@ class CertSDFDataParser(DataParser):
             outputs.metadata[REAL_CAPTURE_KEY] = real
         else:
             outputs.metadata[REAL_CAPTURE_KEY] = False
-        if not self.config.use_masks:
+        if not self.config.use_masks or self._masks_usable is False:
             outputs.mask_filenames = None
             outputs.metadata.pop(FOREGROUND_MASKS_KEY, None)
         if outputs.mask_filenames is not None:
@@ -306,6 +313,8 @@ class CertSDFDataParser(DataParser):
         elif real:
             train = outputs if split == "train" else self.delegate().get_dataparser_outputs("train")
             region, why = region_from_cameras(train.cameras), "the ball the training cameras look at"
+            with exit_cleanly():
+                check_cameras_see(region, train.cameras, train.image_filenames, Path(self.config.data))
             points = train.metadata.get("points3D_xyz")
             if points is not None:
                 tightened = tighten_to_points(region, points)

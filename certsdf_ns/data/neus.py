@@ -39,7 +39,7 @@ from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.data.utils.dataparsers_utils import get_train_eval_split_all, get_train_eval_split_interval
 
 from certsdf_ns.console import warn
-from certsdf_ns.data.validation import FOREGROUND_MASKS_KEY, SplitReport, check_image
+from certsdf_ns.data.validation import FOREGROUND_MASKS_KEY, SplitReport, check_camera_centres, check_image, check_mask
 from certsdf_ns.errors import CertSDFInputError
 
 NEUS_CAMERAS = "cameras_sphere.npz"
@@ -51,6 +51,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SIMILARITY_TOLERANCE = 1e-4
 # nerfstudio's Cameras have no skew; DTU's decomposed K has |skew| ~ 1e-4 px. Larger skews warn.
 SKEW_TOLERANCE_PX = 0.05
+# The left 3×3 of a projection K·R is singular (no camera centre; OpenCV's decomposition asserts) when its
+# smallest singular value is at most this fraction of its largest. A real K gives about 1/(2·focal in pixels)
+# (DTU: 6e-4); 1e-7 is float32's precision, below which a stored matrix cannot be told from a singular one.
+SINGULAR_TOLERANCE = 1e-7
 
 
 # ---------------------------------------------------------------------------------------- maths
@@ -169,9 +173,20 @@ def load_matrices(layout: NeuSLayout) -> Tuple[List[np.ndarray], List[np.ndarray
                 f"{layout.cameras} has {n_world} cameras (world_mat_i) but there are {n} images "
                 f"(no world_mat_{i} for {layout.images[i].name}); every image needs a camera."
             )
+        where = f"{layout.cameras}: world_mat_{i} (camera of {layout.images[i].name})"
         w = np.asarray(npz[f"world_mat_{i}"], dtype=np.float64)
-        if w.shape not in ((4, 4), (3, 4)) or not np.isfinite(w).all():
-            raise CertSDFInputError(f"{layout.cameras}: world_mat_{i} must be a finite 4x4 (or 3x4) matrix, got shape {w.shape}.")
+        if w.shape not in ((4, 4), (3, 4)):
+            raise CertSDFInputError(f"{where} must be a 4x4 (or 3x4) matrix, got shape {w.shape}.")
+        if not np.isfinite(w).all():
+            raise CertSDFInputError(f"{where} contains NaN or infinite values.")
+        spread = np.linalg.svd(w[:3, :3], compute_uv=False)
+        if spread[2] <= SINGULAR_TOLERANCE * spread[0]:
+            raise CertSDFInputError(
+                f"{where} is singular: its left 3x3 block, K·R of the projection K·[R|t], has rank "
+                f"{int((spread > SINGULAR_TOLERANCE * spread[0]).sum())} (singular values "
+                f"{', '.join(f'{v:.3g}' for v in spread)}), so it is no camera (no centre, no focal length). "
+                "A zero or placeholder matrix looks like this; write the camera's projection there."
+            )
         # NeuS: scale_mat_i defaults to the identity when absent (IDR's cameras.npz has none).
         s = np.asarray(npz[f"scale_mat_{i}"], dtype=np.float64) if f"scale_mat_{i}" in keys else np.eye(4)
         world.append(w[:3, :4])
@@ -179,10 +194,28 @@ def load_matrices(layout: NeuSLayout) -> Tuple[List[np.ndarray], List[np.ndarray
     return world, scale
 
 
-def validate_neus(data: Path) -> SplitReport:
-    """Check a NeuS/IDR scene: layout, cameras for every image, images and masks readable and of one size."""
+def neus_camera(layout: NeuSLayout, world_mats: List[np.ndarray], scale_mats: List[np.ndarray], i: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Intrinsics and OpenCV camera-to-world pose (unit-sphere frame) of view `i`; its focal lengths must be positive."""
+    K, c2w = decompose_projection(world_mats[i] @ scale_mats[i])
+    if not (K[0, 0] > 0 and K[1, 1] > 0):  # (NaN fails too)
+        raise CertSDFInputError(
+            f"{layout.cameras}: world_mat_{i} (camera of {layout.images[i].name}) gives focal lengths "
+            f"{K[0, 0]:.4g}, {K[1, 1]:.4g}; they must be positive."
+        )
+    return K, c2w
+
+
+def validate_neus(data: Path, single_channel_masks: bool = False) -> SplitReport:
+    """Check a NeuS/IDR scene: layout, every camera (and where they stand) before any image, then the images
+    and masks: readable and of one size (masks single-channel when `single_channel_masks`, for nerfstudio's
+    sampling masks)."""
     layout = read_layout(data)
-    load_matrices(layout)
+    world_mats, scale_mats = load_matrices(layout)
+    world_to_sphere(one_scale_mat(layout, scale_mats), f"{layout.cameras}: scale_mat_0")
+    centres = [neus_camera(layout, world_mats, scale_mats, i)[1][:3, 3] for i in range(len(layout.images))]
+    names = [f"world_mat_{i} (camera of {path.name})" for i, path in enumerate(layout.images)]
+    check_camera_centres(np.stack(centres), layout.cameras, names)
+    report = SplitReport(transforms=layout.cameras, image_files=layout.images, has_alpha=False)
     first: Optional[Tuple[Path, Tuple[int, int]]] = None
     for i, path in enumerate(layout.images):
         size, _ = check_image(path, f"{data}, image {i}")
@@ -194,13 +227,9 @@ def validate_neus(data: Path) -> SplitReport:
                 "NeuS/IDR images must share one size."
             )
         if layout.masks is not None:
-            mask_size, _ = check_image(layout.masks[i], f"{data}, mask {i}")
-            if mask_size != size:
-                raise CertSDFInputError(
-                    f"mask {layout.masks[i]} is {mask_size[0]}x{mask_size[1]} but its image {path} is {size[0]}x{size[1]}."
-                )
+            report.add_mask(layout.masks[i], check_mask(layout.masks[i], path, f"{data}, mask {i}", single_channel_masks))
     # NeuS images are RGB photographs; an alpha channel, if any, is not used (masks are).
-    return SplitReport(transforms=layout.cameras, image_files=layout.images, has_alpha=False)
+    return report
 
 
 # ----------------------------------------------------------------------------------- dataparser
@@ -234,11 +263,7 @@ def sphere_cameras(
     """nerfstudio Cameras (OpenGL axes, unit-sphere frame) of the views `indices`."""
     intrinsics, poses = [], []
     for i in indices:
-        K, c2w = decompose_projection(world_mats[i] @ scale_mats[i])
-        if K[0, 0] <= 0 or K[1, 1] <= 0:
-            raise CertSDFInputError(
-                f"{layout.cameras}: world_mat_{i} gives focal lengths {K[0, 0]:.4g}, {K[1, 1]:.4g}; they must be positive."
-            )
+        K, c2w = neus_camera(layout, world_mats, scale_mats, i)
         intrinsics.append(K)
         poses.append(opencv_to_opengl(c2w)[:3, :4])
     K_all = np.stack(intrinsics)

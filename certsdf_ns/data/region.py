@@ -22,18 +22,24 @@ Where it comes from (:func:`region_from_cameras` unless the data says or the use
   ns-process-data `transforms.json`), that ball is tightened around them
   (:func:`tighten_to_points`): a smaller box gives the same grid finer voxels on the object;
 - `--pipeline.datamanager.dataparser.region CX CY CZ R` overrides both, in the scene's own frame.
+
+A ball derived from the cameras must be one they look at (:func:`check_cameras_see`): cameras that all
+face the same way, or outwards, have no such point, and the data is refused with the way out (set the region).
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from pathlib import Path
+from typing import Sequence, Tuple
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from nerfstudio.cameras.camera_utils import focus_of_attention
-from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.cameras.cameras import Cameras, CameraType
+
+from certsdf_ns.errors import CertSDFInputError
 
 Region = Tuple[Float[Tensor, "3"], float]
 
@@ -54,6 +60,45 @@ def region_from_cameras(cameras: Cameras) -> Region:
     half_fov = torch.atan(torch.maximum(width / (2.0 * fx), height / (2.0 * fy)))
     framed = float(torch.median(distance) * torch.sin(torch.median(half_fov)))
     return centre, min(framed, CAMERA_CLEARANCE * float(distance.min()))
+
+
+LOOKED_AT_FRACTION = 0.5
+"""At least this fraction of the training cameras must have the centre of the ball they look at in their image."""
+
+
+def cameras_seeing(cameras: Cameras, point: Float[Tensor, "3"]) -> Tensor:
+    """[N] bool: which cameras have `point` in front of them and, for pinhole cameras, inside their image
+    (distortion ignored; nerfstudio's OpenGL axes, a pixel (x, y) looks along (x − cx)/fx, −(y − cy)/fy, −1).
+    Fisheye and other wide-angle models count a point in front as seen."""
+    c2w = cameras.camera_to_worlds.float()
+    local = torch.einsum("nji,nj->ni", c2w[:, :3, :3], point.float() - c2w[:, :3, 3])
+    depth = -local[:, 2]
+    in_front = depth > 0
+    depth = torch.where(in_front, depth, torch.ones_like(depth))
+    x = cameras.cx[:, 0] + cameras.fx[:, 0] * local[:, 0] / depth
+    y = cameras.cy[:, 0] - cameras.fy[:, 0] * local[:, 1] / depth
+    inside = (x >= 0) & (x <= cameras.width[:, 0]) & (y >= 0) & (y <= cameras.height[:, 0])
+    pinhole = cameras.camera_type[:, 0] == CameraType.PERSPECTIVE.value
+    return in_front & (inside | ~pinhole)
+
+
+def check_cameras_see(region: Region, cameras: Cameras, images: Sequence[Path], source: Path) -> None:
+    """The ball derived from the cameras must be what they look at: its centre in at least LOOKED_AT_FRACTION
+    of their images. Cameras that all face one way from a line or a plane (a slider, a forward-facing
+    capture) or face outwards have no point they look at; nerfstudio's focus of attention then falls back to
+    the cameras' mean position, and the ball would sit among the cameras."""
+    seeing = cameras_seeing(cameras, region[0])
+    if float(seeing.float().mean()) >= LOOKED_AT_FRACTION:
+        return
+    blind = int((~seeing).nonzero()[0, 0])
+    raise CertSDFInputError(
+        f"{source}: the training cameras do not look at a common point, so certsdf cannot tell where the object "
+        f"is: the point nearest to their optical axes is in the images of {int(seeing.sum())} of the {len(seeing)} "
+        f"training cameras (not in {Path(images[blind]).name}, for one). certsdf reconstructs an object that the cameras face from "
+        "around it; cameras that all face the same way (a slider, a forward-facing capture) or face outwards have no "
+        "such point. Give the object's region yourself: --pipeline.datamanager.dataparser.region CX CY CZ R (a ball "
+        "in the poses' frame)."
+    )
 
 
 SPARSE_MIN_POINTS = 100

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import math
 from struct import error as struct_error
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -55,6 +55,17 @@ IMAGE_MODE_PROBLEMS = {
     "RGBX": "its padding channel would be read as alpha",
     "RGBa": "its premultiplied alpha would be read as straight alpha",
 }
+SAME_POINT_TOLERANCE = 1e-6
+"""Camera centres whose largest distance from their mean is at most this fraction of the farthest centre's
+distance from the origin sit at one point (copies of one pose, placeholder poses, a rotation-only panorama).
+Scale-free; 1e-6 is above the rounding of float32 poses (6e-8) and of JSON printed with 7 digits."""
+COLLINEAR_TOLERANCE = 1e-4
+"""Camera centres whose second principal spread is at most this fraction of the first lie on one line
+(real structure-from-motion poses, even from a slider, deviate from any line by more than 1e-3)."""
+SAMPLING_MASK_LEVEL = 0
+"""A pixel of a sampling mask is set above this grey level (nerfstudio reads every non-zero pixel as set)."""
+OBJECT_MASK_LEVEL = 127
+"""A pixel of an object mask is set above this grey level (certsdf reads grey/255 as the object's opacity)."""
 BACKGROUND_KEY = "certsdf_background"
 """Dataparser metadata key: fixed background colour [3] for images without alpha."""
 REAL_CAPTURE_KEY = "certsdf_real_capture"
@@ -82,6 +93,16 @@ class SplitReport:
     """Image of every frame, in file order."""
     has_alpha: bool
     """Whether the images carry an alpha channel (every frame alike)."""
+    masks: List[Path] = field(default_factory=list)
+    """The scene's masks, in frame order (empty when it has none)."""
+    blank_masks: Dict[str, List[Path]] = field(default_factory=dict)
+    """Masks without a boundary, by kind: "all black" (no pixel set) and "all white" (every pixel set)."""
+
+    def add_mask(self, mask: Path, blank: Optional[str]) -> None:
+        """Record one checked mask and what :func:`check_mask` found blank about it."""
+        self.masks.append(mask)
+        if blank is not None:
+            self.blank_masks.setdefault(blank, []).append(mask)
 
 
 def load_transforms(path: Path) -> Dict[str, Any]:
@@ -104,21 +125,21 @@ def load_transforms(path: Path) -> Dict[str, Any]:
     return meta
 
 
-def check_pose(matrix: Any, where: str) -> Float[Tensor, "4 4"]:
-    """A camera-to-world matrix must be 4×4, finite, with an orthonormal right-handed rotation."""
+def check_pose(matrix: Any, where: str, what: str = "transform_matrix") -> Float[Tensor, "4 4"]:
+    """A camera pose (`what`: its name in the file) must be 4×4, finite, with an orthonormal right-handed rotation."""
     try:
         pose = np.asarray(matrix, dtype=np.float64)
     except (TypeError, ValueError) as err:
-        raise CertSDFInputError(f"{where}: transform_matrix is not a numeric matrix ({err}).") from err
+        raise CertSDFInputError(f"{where}: {what} is not a numeric matrix ({err}).") from err
     if pose.shape != (4, 4):
-        raise CertSDFInputError(f"{where}: transform_matrix must be 4x4, got shape {pose.shape}.")
+        raise CertSDFInputError(f"{where}: {what} must be 4x4, got shape {pose.shape}.")
     if not np.isfinite(pose).all():
-        raise CertSDFInputError(f"{where}: transform_matrix contains NaN or infinite values.")
+        raise CertSDFInputError(f"{where}: {what} contains NaN or infinite values.")
     rot = pose[:3, :3]
     error = float(np.abs(rot.T @ rot - np.eye(3)).max())
     if error > ROTATION_TOLERANCE or np.linalg.det(rot) <= 0:
         raise CertSDFInputError(
-            f"{where}: the rotation part of transform_matrix is not a rotation (max |RᵀR − I| = {error:.2g}, "
+            f"{where}: the rotation part of {what} is not a rotation (max |RᵀR − I| = {error:.2g}, "
             f"det = {np.linalg.det(rot):.3g}; tolerance {ROTATION_TOLERANCE:g}, det must be +1). Scale or shear in a "
             "camera pose distorts every ray; store the scale in the translation or the scene, not the rotation."
         )
@@ -156,18 +177,27 @@ def check_image_mode(path: Path, where: str, mode: str, info: Dict[str, Any]) ->
         )
 
 
-def _check_frames(transforms: Path, frames: List[Any], image_path, expected_size=None) -> SplitReport:
-    """Shared per-frame checks: pose, image presence/readability, one size and one alpha mode."""
-    files: List[Path] = []
-    first: Optional[Tuple[str, Tuple[int, int], bool]] = None
+def _check_frames(
+    transforms: Path, frames: List[Any], image_path, expected_size=None, check_centres: bool = True
+) -> SplitReport:
+    """Shared per-frame checks: every pose (and, with `check_centres`, where the cameras stand, see
+    :func:`check_camera_centres`) before any image is opened; then image presence/readability, one size
+    and one alpha mode."""
+    names, centres = [], []
     for i, frame in enumerate(frames):
         where = f"{transforms}, frame {i}"
         if not isinstance(frame, dict) or not isinstance(frame.get("file_path"), str):
             raise CertSDFInputError(f"{where}: each frame needs a 'file_path' string.")
-        where = f"{where} (file_path '{frame['file_path']}')"
+        names.append(f"frame {i} (file_path '{frame['file_path']}')")
         if "transform_matrix" not in frame:
-            raise CertSDFInputError(f"{where}: 'transform_matrix' is missing.")
-        check_pose(frame["transform_matrix"], where)
+            raise CertSDFInputError(f"{transforms}, {names[-1]}: 'transform_matrix' is missing.")
+        centres.append(check_pose(frame["transform_matrix"], f"{transforms}, {names[-1]}")[:3, 3].numpy())
+    if check_centres:
+        check_camera_centres(np.stack(centres), transforms, names)
+    files: List[Path] = []
+    first: Optional[Tuple[str, Tuple[int, int], bool]] = None
+    for i, frame in enumerate(frames):
+        where = f"{transforms}, {names[i]}"
         path = image_path(frame)
         # A common slip: Blender-format file_path values omit the extension.
         hint = " Blender-format file_path values omit '.png' (it is appended)." if path.name.endswith(".png.png") else ""
@@ -195,6 +225,39 @@ def _check_frames(transforms: Path, frames: List[Any], image_path, expected_size
         files.append(path)
     assert first is not None
     return SplitReport(transforms=transforms, image_files=files, has_alpha=first[2])
+
+
+def check_camera_centres(centres: Float[np.ndarray, "N 3"], source: Path, names: Sequence[str]) -> None:
+    """Where the cameras stand, before nerfstudio centres and scales the poses by their spread.
+
+    All at one point (SAME_POINT_TOLERANCE) is refused: without parallax there is no depth to
+    reconstruct, and nerfstudio's auto-scale divides by zero. On one line (COLLINEAR_TOLERANCE) is
+    accepted with a warning: cameras on a rail that face the object see it in 3D, from one fan of
+    directions; a rail whose cameras all face the same way has no point they look at, which the region
+    of a real capture then refuses (:func:`certsdf_ns.data.region.check_cameras_see`).
+    """
+    c = np.asarray(centres, dtype=np.float64)
+    if len(c) < 2:
+        return
+    offsets = c - c.mean(axis=0)
+    distance = np.linalg.norm(offsets, axis=1)
+    if distance.max() <= SAME_POINT_TOLERANCE * np.linalg.norm(c, axis=1).max():
+        at = ", ".join(f"{v:.4g}" for v in c[0])
+        raise CertSDFInputError(
+            f"{source}: all {len(c)} cameras stand at the same point ({at}), {names[0]} to {names[-1]}: their poses "
+            "differ at most in rotation, so there is no parallax to see depth from. A reconstruction needs photographs "
+            "taken from different positions around the object; if the poses are placeholders (e.g. every pose the "
+            "identity), compute real ones (ns-process-data, COLMAP)."
+        )
+    _, spread, axes = np.linalg.svd(offsets, full_matrices=False)
+    if spread[1] <= COLLINEAR_TOLERANCE * spread[0]:
+        along = offsets @ axes[0]
+        start, end = int(along.argmin()), int(along.argmax())
+        warn(
+            f"{source}: all {len(c)} camera centres lie on one line, from {names[start]} to {names[end]}. Cameras on "
+            "a rail that face the object see it from one fan of directions only: the sides facing away from the "
+            "line are not seen. If these poses are placeholders, compute real ones (ns-process-data, COLMAP)."
+        )
 
 
 def is_number(value: Any) -> bool:
@@ -262,8 +325,11 @@ def validate_blender_split(data: Path, split: str) -> SplitReport:
             f"{transforms}: 'camera_angle_x' (horizontal field of view in radians) is "
             f"{'missing' if angle is None else f'invalid ({angle!r})'}; Blender-format scenes need it."
         )
-    # nerfstudio's Blender parser: data / (file_path without "./") + ".png"
-    return _check_frames(transforms, meta["frames"], lambda f: data / (f["file_path"].replace("./", "") + ".png"))
+    # nerfstudio's Blender parser: data / (file_path without "./") + ".png". Where the cameras stand matters
+    # for training only: val and test splits may hold a single view.
+    return _check_frames(
+        transforms, meta["frames"], lambda f: data / (f["file_path"].replace("./", "") + ".png"), check_centres=split == "train"
+    )
 
 
 def validate_nerfstudio(data: Path, single_channel_masks: bool = False) -> SplitReport:
@@ -315,24 +381,53 @@ def check_mask_paths(
         where = f"{transforms}, frame {i} (mask_path '{frame['mask_path']}')"
         if not mask.is_file():
             raise CertSDFInputError(f"{where}: mask {mask} does not exist.")
-        check_mask(mask, image, where, single_channel)
+        report.add_mask(mask, check_mask(mask, image, where, single_channel))
 
 
-def check_mask(mask: Path, image: Path, where: str, single_channel: bool = False) -> None:
-    """A mask must be readable and of its image's size (and one band for nerfstudio's loader)."""
+def check_mask(mask: Path, image: Path, where: str, single_channel: bool = False) -> Optional[str]:
+    """A mask must be readable and of its image's size (and one band for nerfstudio's loader, which
+    `single_channel` also means: sampling masks). Returns "all black" or "all white" for a mask without
+    a boundary (no pixel, or every pixel, set; see SAMPLING_MASK_LEVEL, OBJECT_MASK_LEVEL), else None."""
     (mw, mh), _ = check_image(mask, where)
     with Image.open(image) as im:
         iw, ih = im.size
     if (mw, mh) != (iw, ih):
         raise CertSDFInputError(f"{where}: mask {mask} is {mw}x{mh} but its image {image} is {iw}x{ih}.")
-    if single_channel:
-        with Image.open(mask) as m:
-            bands = m.getbands()
-        if len(bands) != 1:
+    with Image.open(mask) as m:
+        bands = m.getbands()
+        if single_channel and len(bands) != 1:
             raise CertSDFInputError(
                 f"{where}: mask {mask} has {len(bands)} channels ({''.join(bands)}); nerfstudio's sampling masks "
                 "must be single-channel (L or 1)."
             )
+        low, high = m.convert("L").getextrema()
+    level = SAMPLING_MASK_LEVEL if single_channel else OBJECT_MASK_LEVEL
+    return "all black" if high <= level else "all white" if low > level else None
+
+
+def masks_carry_silhouettes(report: SplitReport) -> bool:
+    """Whether the scene's masks say where the object is. A set in which every mask is all black or all
+    white (no mask has a boundary) does not: it is dropped with a warning and training goes on without
+    masks (all black would sample no ray, or empty the scene; all white would fill every view's frustum).
+    Blank masks among masks with a boundary are kept, and counted: an all-black mask is a view where the
+    object is out of frame, an all-white one a view filled by it."""
+    if not report.masks:
+        return True
+    blank = sum(len(masks) for masks in report.blank_masks.values())
+    kinds = ", ".join(f"{len(masks)} {kind} (e.g. {masks[0]})" for kind, masks in sorted(report.blank_masks.items()))
+    if blank == len(report.masks):
+        warn(
+            f"{report.transforms}: none of the {len(report.masks)} masks has a boundary between object and background: "
+            f"{kinds}. Such masks carry no silhouette, so training goes on without masks. Masks count when at least one "
+            "has both set and unset pixels; all-black or all-white masks among those are kept (the object out of "
+            "view, or filling it). Fix the masks (inverted? written as 0/1 instead of 0/255?), or pass "
+            "--pipeline.datamanager.dataparser.use-masks False to silence this."
+        )
+        return False
+    if blank:
+        log(f"{report.transforms}: {blank} of {len(report.masks)} masks have no boundary ({kinds}); kept, as views "
+            "where the object is out of frame (all black) or fills it (all white).")  # fmt: skip
+    return True
 
 
 def estimate_background(files: List[Path]) -> Tuple[Float[Tensor, "3"], float]:
@@ -422,22 +517,38 @@ def validate_colmap(data: Path, model_dir: Path, images_dir: Path) -> SplitRepor
     from nerfstudio.process_data.colmap_utils import parse_colmap_camera_params
 
     for camera in cameras.values():
+        where = f"{cameras_file}, camera {camera.id}"
         try:
-            parse_colmap_camera_params(camera)
+            params = parse_colmap_camera_params(camera)
         except (NotImplementedError, ValueError) as err:
-            raise CertSDFInputError(f"{cameras_file}, camera {camera.id}: {err}") from err
+            raise CertSDFInputError(f"{where}: {err}") from err
+        # The intrinsics as nerfstudio will read them (fl_x, fl_y, cx, cy, w, h, distortion): a focal length of 0
+        # or a NaN would otherwise reach the cameras.
+        params.pop("camera_model", None)
+        check_camera_fields(params, where)
     models = sorted({cameras[entry.camera_id].model for entry in images.values() if entry.camera_id in cameras})
     if len(models) > 1:
         raise CertSDFInputError(
             f"{cameras_file}: the images use several camera models ({', '.join(models)}); nerfstudio's COLMAP "
             "parser needs one (re-run COLMAP with a single camera model)."
         )
-    files: List[Path] = []
+    names, centres = [], []
     for image_id in sorted(images):
         entry = images[image_id]
-        where = f"{images_file}, image {image_id} ('{entry.name}')"
+        names.append(f"image {image_id} ('{entry.name}')")
         if entry.camera_id not in cameras:
-            raise CertSDFInputError(f"{where}: camera {entry.camera_id} is not in {cameras_file}.")
+            raise CertSDFInputError(f"{images_file}, {names[-1]}: camera {entry.camera_id} is not in {cameras_file}.")
+        # COLMAP stores world-to-camera poses (the rotation as quaternion qvec, nerfstudio's qvec2rotmat); the
+        # camera stands at -Rᵀ·tvec.
+        w2c = np.eye(4)
+        w2c[:3, :3], w2c[:3, 3] = colmap_utils.qvec2rotmat(entry.qvec), entry.tvec
+        w2c = check_pose(w2c, f"{images_file}, {names[-1]}", what="its pose (qvec, tvec)").numpy()
+        centres.append(-w2c[:3, :3].T @ w2c[:3, 3])
+    check_camera_centres(np.stack(centres), images_file, names)
+    files: List[Path] = []
+    for name, image_id in zip(names, sorted(images)):
+        entry = images[image_id]
+        where = f"{images_file}, {name}"
         size, _ = check_image(images_dir / entry.name, where)
         camera = cameras[entry.camera_id]
         if size != (camera.width, camera.height):
@@ -476,7 +587,7 @@ def check_colmap_masks(report: SplitReport, masks_dir: Path, single_channel: boo
             raise CertSDFInputError(
                 f"{where}: mask {mask} does not exist; with a masks/ folder every image needs masks/<name>.png."
             )
-        check_mask(mask, image, where, single_channel)
+        report.add_mask(mask, check_mask(mask, image, where, single_channel))
 
 
 def validate_split(data: Path, fmt: str, split: str, single_channel_masks: bool = False) -> SplitReport:
