@@ -34,7 +34,6 @@ What it changes, and why:
 
 from __future__ import annotations
 
-import errno
 import os
 import random
 import time
@@ -79,12 +78,6 @@ PLAN_KEY = "certsdf_schedule_plan"
 DEFAULT_MAX_STEPS = 30_000
 """The method's default --max-num-iterations: the run length its schedules are written for."""
 EVAL_CADENCES = ("steps_per_eval_batch", "steps_per_eval_image", "steps_per_eval_all_images")
-# Test hook: "STEP:MARKER" pauses the save of checkpoint STEP after its first 64 KiB are on disk,
-# touching MARKER, so a test can SIGKILL the process deterministically mid-write.
-PAUSE_ENV = "CERTSDF_TEST_PAUSE_IN_SAVE"
-# Test hook: "STEP" makes the save of checkpoint STEP fail with ENOSPC after its first 64 KiB,
-# as a full disk does (torch.save then raises its "unexpected pos" RuntimeError).
-DISK_FULL_ENV = "CERTSDF_TEST_DISK_FULL_IN_SAVE"
 
 
 @dataclass
@@ -184,51 +177,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _PauseMidWrite:
-    """File wrapper for the kill test: after 64 KiB, flush, touch the marker and sleep."""
-
-    def __init__(self, f, marker: Path) -> None:
-        self.f, self.marker, self.written = f, marker, 0
-
-    def write(self, data) -> int:
-        n = self.f.write(data)
-        self.written += len(data)
-        if self.written >= 65536 and not self.marker.exists():
-            self.f.flush()
-            self.marker.touch()
-            time.sleep(600)
-        return n
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-class _FullDiskMidWrite(_PauseMidWrite):
-    """File wrapper for the full-disk test: after 64 KiB on disk, every write fails with ENOSPC."""
-
-    def __init__(self, f) -> None:
-        super().__init__(f, Path(os.devnull))
-
-    def write(self, data) -> int:
-        if self.written >= 65536:
-            self.f.flush()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.written += len(data)
-        return self.f.write(data)
-
-
-def _test_hook_writer(f, step: int):
-    """`f`, or the wrapper a test hook (PAUSE_ENV, DISK_FULL_ENV) asks for at this step."""
-    pause = os.environ.get(PAUSE_ENV, "")
-    if pause and int(pause.split(":", 1)[0]) == step:
-        return _PauseMidWrite(f, Path(pause.split(":", 1)[1]))
-    full = os.environ.get(DISK_FULL_ENV, "")
-    if full and int(full) == step:
-        return _FullDiskMidWrite(f)
-    return f
-
-
-def atomic_torch_save(obj: Any, path: Path, step: int = -1) -> None:
+def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to `<folder>.partial/<name>`, fsync, then os.replace onto `path`.
 
     A failed write (e.g. a full disk) removes its partial file before re-raising; only a
@@ -239,7 +188,7 @@ def atomic_torch_save(obj: Any, path: Path, step: int = -1) -> None:
     tmp = partial_dir / path.name
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, _test_hook_writer(f, step))
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
     except Exception:
@@ -572,7 +521,7 @@ class CertSDFTrainer(Trainer):
         need = tensor_bytes(state) + SAVE_OVERHEAD_BYTES
         self._warn_if_low_space(need)
         try:
-            atomic_torch_save(state, ckpt_path, step)
+            atomic_torch_save(state, ckpt_path)
         except Exception as err:
             if not is_disk_full(err):
                 raise
