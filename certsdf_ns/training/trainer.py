@@ -88,31 +88,17 @@ class CertSDFTrainerConfig(TrainerConfig):
     check_memory: bool = True
     """Refuse to start when the estimated training memory exceeds the available memory."""
     max_train_minutes: Optional[float] = None
-    """Wall-clock budget in minutes: training stops once the time spent in training iterations
-    (steps, periodic evaluations, checkpoint saves; not start-up, data loading, or the evaluation
-    and checkpoint at the budget's end) would exceed it, or at
-    max_num_iterations, whichever comes first. A resumed run (--load-dir) counts the time already
-    spent. 0: no budget. None: `cpu_default_minutes` when training on CPU with max_num_iterations
-    left at its default (30,000), else no budget."""
+    """Budget of training time (minutes), resumed runs included. 0: none; None: cpu_default_minutes on CPU, else none."""
     cpu_default_minutes: float = 30.0
-    """The budget of a CPU run that sets neither max_train_minutes nor max_num_iterations."""
+    """The budget (minutes) of a CPU run that sets neither max_train_minutes nor max_num_iterations."""
     budget_warmup_steps: Optional[int] = None
-    """A budgeted run trains this many steps with its schedules held at their start, times the last
-    `budget_timing_steps` of them, then plans how many steps fit and fits the schedules to them.
-    None: until 20 steps after the model's density-map warm-up and blend (certsdf: 20 + 20 steps on
-    synthetic scenes, 100 + 20 on real captures). During those the grid is still fog, rendered with
-    the paper's map, which the certified sampler cannot skip: on lego at 800x800 they took 1.45 s per
-    step against 0.87 s for the whole 10-minute run, and a plan timed on steps 3-20 fitted the
-    schedules to 419 of the 686 steps that ran."""
+    """Steps a budgeted run trains with held schedules before it plans. None: the density-map warm-up and blend + 20."""
     budget_timing_steps: int = 20
     """The plan's seconds per step are measured over the last this many warm-up steps."""
     schedule_reference_steps: int = DEFAULT_MAX_STEPS
-    """The run length the configured schedules (scheduler max_steps, the model's anneal_steps)
-    are written for; a budgeted run compresses them by planned steps / this."""
+    """Run length (steps) the configured schedules are written for; a budgeted run scales them by planned steps / this."""
     eval_at_budget_end: bool = True
-    """When the budget ends training, run at the last step the evaluations that a full run would
-    have run (each whose steps_per_eval_* is at most max_num_iterations), unless this step ran them.
-    They run after the budget (one 800x800 eval image took ~40 s on one CPU core)."""
+    """When the budget ends training, run the evaluations a full-length run would have run, after the budget."""
 
     def budget_minutes(self) -> Optional[float]:
         """The budget this run trains with (minutes), or None."""
