@@ -4,6 +4,8 @@ The defaults are chosen for the machines people have, which may have no GPU:
 - the device is CUDA when present and CPU otherwise (nerfstudio's default is "cuda");
 - mixed precision (and its grad scaler) only on CUDA;
 - the live viewer plus tensorboard for eval logging (nerfstudio's default is wandb);
+- no profiling summary at exit (`--logging.profiler basic` brings it back), so a run's last line is
+  its result (certsdf's trainer prints it);
 - the viewer binds to 127.0.0.1: nerfstudio's 0.0.0.0 exposes an unauthenticated control
   surface to the whole network (use `--viewer.websocket-host 0.0.0.0` to opt in);
 - certsdf's trainer (`certsdf_ns/training/trainer.py`): config and memory checks before anything is
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
+from nerfstudio.configs.base_config import LoggingConfig, MachineConfig, ViewerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from certsdf_ns.console import silence_known_noise
@@ -37,6 +39,7 @@ certsdf_trainer_config = CertSDFTrainerConfig(
     max_num_iterations=30_000,
     mixed_precision=HAS_CUDA,
     machine=MachineConfig(device_type="cuda" if HAS_CUDA else "cpu"),
+    logging=LoggingConfig(profiler="none"),
     pipeline=CertSDFPipelineConfig(
         datamanager=CertSDFDataManagerConfig(
             dataparser=CertSDFDataParserConfig(),

@@ -26,8 +26,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ns
+from hooks.sitecustomize import PAUSE_ENV, fault_env
 
-from certsdf_ns.training.trainer import CHECKPOINT_NAME, PARTIAL_SUFFIX, PAUSE_ENV, newest_complete_checkpoint
+from certsdf_ns.training.trainer import CHECKPOINT_NAME, PARTIAL_SUFFIX, newest_complete_checkpoint
 
 STEPS = 50
 KILL_AT = 30  # B dies while writing this checkpoint...
@@ -94,7 +95,7 @@ def runs(tmp_path_factory) -> Runs:
         "C": _start(scene, out, "C", ["--max-num-iterations", str(STEPS)]),
         "B": _start(
             scene, out, "B", ["--max-num-iterations", str(STEPS), "--steps-per-save", "5"],
-            {PAUSE_ENV: f"{KILL_AT}:{marker}"},
+            fault_env({PAUSE_ENV: f"{KILL_AT}:{marker}"}),
         ),  # fmt: skip
     }
     b_proc, b_log = started["B"]

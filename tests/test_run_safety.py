@@ -30,10 +30,11 @@ import yaml
 from PIL import Image
 
 from conftest import ns
+from hooks.sitecustomize import DISK_FULL_ENV, fault_env
 
 from certsdf_ns.data.dataparser import CertSDFDataParserConfig
 from certsdf_ns.training.run_folder import is_disk_full, low_space_warning
-from certsdf_ns.training.trainer import DISK_FULL_ENV, PARTIAL_SUFFIX
+from certsdf_ns.training.trainer import PARTIAL_SUFFIX
 
 TINY = [
     "--vis", "tensorboard", "--viewer.quit-on-train-completion", "True",
@@ -194,7 +195,7 @@ def test_full_disk_at_save_keeps_the_previous_checkpoint(first_run: FirstRun, tm
     the step-2 checkpoint complete and loadable."""
     proc = _run([ns("ns-train"), "certsdf", "--data", first_run.scene, "--output-dir", tmp_path, "--experiment-name",
                  "full", "--timestamp", "t", *TINY, "--max-num-iterations", 6, "--steps-per-save", 2],
-                env_extra={DISK_FULL_ENV: "4"})  # fmt: skip
+                env_extra=fault_env({DISK_FULL_ENV: "4"}))  # fmt: skip
     models = tmp_path / "full" / "certsdf" / "t" / "nerfstudio_models"
     _refused(proc, f"the disk holding {models} is full: saving step-000000004.ckpt needs about", "MiB",
              "The partial file was removed", "step-000000002.ckpt is kept", f"--load-dir {models}")  # fmt: skip

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -66,6 +68,28 @@ def test_ns_eval_loads_the_checkpoint_and_reports_sane_psnr(trained_run: Trained
     results = json.loads(out.read_text())["results"]
     assert 18.0 < results["psnr"] < 60.0, results
     assert 0.5 < results["ssim"] <= 1.0
+
+
+def test_a_run_ends_with_its_result(trained_run: TrainedRun) -> None:
+    """The run's last line gives the final evaluation's PSNR and SSIM (the values logged at the last step),
+    on how many of the held-out views, the last checkpoint, and the command that exports the mesh."""
+    run, step = trained_run.config.parent, trained_run.steps - 1
+    held_out = len(json.loads((trained_run.scene / "transforms_val.json").read_text())["frames"])
+    last = [line for line in trained_run.stdout.splitlines() if line.strip()][-1]
+    result = re.fullmatch(
+        rf"\[certsdf\] result at step {step}: PSNR ([0-9.]+) dB, SSIM ([0-9.]+) on 1 of {held_out} held-out views; "
+        r"checkpoint (\S+); export the mesh: (.+)",
+        last,
+    )
+    assert result, last
+    events = EventAccumulator(str(run))
+    events.Reload()
+    for value, metric in ((result[1], "psnr"), (result[2], "ssim")):
+        (logged,) = [e for e in events.Scalars(f"Eval Images Metrics/{metric}") if e.step == step]
+        assert float(value) == pytest.approx(logged.value, abs=0.006), metric
+    assert float(result[1]) > 15.0 and 0.3 < float(result[2]) <= 1.0  # a trained run, not noise
+    assert Path(result[3]) == trained_run.checkpoint_dir / f"step-{step:09d}.ckpt" and Path(result[3]).is_file()
+    assert result[4] == f"certsdf-export --load-config {trained_run.config} --output-dir {run / 'export'}"
 
 
 QUICK = [

@@ -169,21 +169,21 @@ class RealConfig(BenchConfig):
     scene_names: Tuple[str, ...] = tuple(SCENES)
     """Scene variants: dtu_masks, dtu_nomasks, fruit, cup (see the module docstring)."""
     methods: Tuple[str, ...] = ("certsdf", "nerfacto")
+    """Methods to compare."""
     budget_s: float = 900.0
     """Training seconds per method and scene."""
     scale: float = 0.5
     """camera-res-scale-factor of both methods and of the evaluation (0.5: DTU at 400x300)."""
     data: RealDataOptions = field(default_factory=RealDataOptions)
+    """Where the captures are."""
     scene_args: Tuple[str, ...] = ()
-    """More flags per scene and method, as 'SCENE:METHOD:--opt value ...' (certsdf: ns-train options;
-    nerfacto: options of its dataparser subcommand; its model options go in --trial.extra-args)."""
+    """More flags per scene and method, as 'SCENE:METHOD:--opt value ...' (nerfacto: its dataparser's options)."""
     peer_exports: bool = True
     """Extract nerfacto's meshes (ns-export tsdf and poisson) at its last checkpoint."""
     export: PeerExportOptions = field(default_factory=PeerExportOptions)
     """nerfacto's ns-export settings; the box is certsdf's scene box on each scene (--export.bbox is not used)."""
     peer_last_only: bool = True
-    """Evaluate peers (nerfacto) at their last checkpoint only: on one core nerfacto renders ~570 rays/s,
-    so one DTU evaluation (7 views at 400x300) takes ~25 minutes. certsdf is evaluated along its curve."""
+    """Evaluate peers (nerfacto) at their last checkpoint only; certsdf is evaluated along its curve."""
     usable_threshold: float = 0.9
     """A certsdf mesh is usable from the first checkpoint whose IoU (dtu_masks) / coverage (dtu_nomasks) ≥ this."""
     trial: TrialOptions = field(default_factory=lambda: TrialOptions(n_test_views=0))

@@ -28,8 +28,7 @@ class ReportConfig:
     results_dir: Path = Path("bench_results")
     """A results root as given to the suites (reads RESULTS_DIR/<suite>/suite.json)."""
     compare: Tuple[Path, ...] = ()
-    """Instead: results roots whose quality runs go into one table (RESULTS_DIR/quality/<run>.json each), and
-    whose real-capture runs go into one table per scene (RESULTS_DIR/real/<run>.json)."""
+    """Instead: results roots whose quality runs, and real-capture runs per scene, are tabled together."""
 
 
 def _num(v, fmt: str) -> str:

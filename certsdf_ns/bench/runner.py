@@ -233,7 +233,7 @@ def run_budgeted(
     ]  # fmt: skip
     if own_budget:
         # No evaluation at the budget's end either: the bench evaluates the last checkpoint itself.
-        trainer_opts += ["--max-train-minutes", f"{budget_s / 60.0:.6g}", "--eval-at-budget-end", "False"]
+        trainer_opts += ["--max-train-minutes", f"{budget_s / 60.0:.6g}", "--eval-at-end", "False"]
         # The budget's own evaluation is the run's last checkpoint (always kept). The bench's clock leaves
         # out the first step that certsdf's counts, so "the latest checkpoint at or before the budget" on
         # the bench's clock can be an earlier one, evaluated twice over.

@@ -36,6 +36,7 @@ class BenchConfig:
     results_dir: Path = Path("bench_results")
     """Results root; the suite writes into RESULTS_DIR/<suite>/."""
     trial: TrialOptions = field(default_factory=TrialOptions)
+    """Training, checkpoint and evaluation options of every trial."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Training/evaluation device; 'auto' is CUDA when available."""
 
@@ -48,6 +49,7 @@ class SuiteConfig(BenchConfig):
     """Options shared by the suites on Blender-format scenes (speed, quality, sigma)."""
 
     scenes: SceneOptions = field(default_factory=SceneOptions)
+    """Where scenes come from."""
 
 
 @dataclass
@@ -71,11 +73,13 @@ class QualityConfig(SuiteConfig):
     scene_names: Tuple[str, ...] = ("lego", "bunny", "cow")
     """Scenes: 'lego', mesh names in --scenes.meshes-dir, 'demo', or Blender folders."""
     methods: Tuple[str, ...] = ALL_METHODS
+    """Methods; those needing CUDA are listed as not runnable on CPU machines."""
     budget_s: float = 600.0
     """Training seconds per method and scene."""
     peer_exports: bool = True
     """Extract peer meshes with ns-export tsdf/poisson on mesh scenes."""
     export: PeerExportOptions = field(default_factory=PeerExportOptions)
+    """ns-export settings of the peer meshes."""
     export_points: int = 3
     """Checkpoints (log-spaced, last included) at which peers are exported."""
 
@@ -97,18 +101,19 @@ class SigmaConfig(SuiteConfig):
     """certsdf's smoothing σ swept at a fixed training time, plus an annealed schedule."""
 
     scene: str = "bunny"
+    """Scene name or Blender folder (see certsdf_ns.bench.data)."""
     sigmas: Tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
     """Fixed σ values in voxels (sigma_start_voxels = sigma_voxels)."""
     anneal: Optional[Tuple[float, float]] = (4.0, 1.0)
     """Annealed row: σ from the first to the second value (voxels); None to skip."""
     anneal_steps: int = 0
-    """Steps of the annealed schedule; 0 = automatic: `anneal_fraction` of the median number of
-    steps the fixed-σ runs reached in the same budget (so the schedule ends inside the budget)."""
+    """Steps of the annealed schedule; 0: anneal_fraction of the median steps the fixed-σ runs reached."""
     anneal_fraction: float = 0.5
     """With anneal_steps = 0: the fraction of the budget's steps spent annealing."""
     budget_s: float = 300.0
     """Training seconds per σ."""
     certify: CertifyOptions = field(default_factory=CertifyOptions)
+    """The certificate check of each run's last checkpoint."""
 
 
 # --------------------------------------------------------------------------- running

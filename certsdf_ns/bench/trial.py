@@ -32,18 +32,15 @@ class TrialOptions:
     rays_per_batch: int = 4096
     """train_num_rays_per_batch for every method."""
     steps_per_save: Dict[str, int] = field(default_factory=lambda: {"certsdf": 20, "nerfacto": 5, "tensorf": 10})
-    """Checkpoint interval per method (steps; a few seconds of CPU training each, so early evaluation
-    times have a checkpoint). Writes are off the clock; unneeded checkpoints are deleted at once."""
+    """Checkpoint interval per method (steps); writes are off the clock, unneeded checkpoints deleted at once."""
     default_steps_per_save: int = 20
     """Checkpoint interval of methods not in `steps_per_save`."""
     eval_points: int = 6
-    """Checkpoints kept and evaluated per run, at log-spaced training times up to the budget
-    (with eval_min_fraction 1/32: a factor 2 apart), plus the run's first checkpoint."""
+    """Checkpoints evaluated per run, at log-spaced training times up to the budget, plus the first one."""
     eval_min_fraction: float = 1.0 / 32.0
     """The earliest evaluation time, as a fraction of the budget."""
     eval_times_s: Tuple[float, ...] = ()
-    """Training times (s) to evaluate at instead of the log-spaced ones (e.g. 600 1800 3600); the
-    budget is always evaluated."""
+    """Training times (s) to evaluate at instead of the log-spaced ones; the budget is always evaluated."""
     n_test_views: int = 10
     """Test views rendered per evaluation (the first N of the test split; `certsdf-bench real`: 0 = every held-out view)."""
     mesh_points: int = 100_000
@@ -59,13 +56,9 @@ class TrialOptions:
     extra_args: Tuple[str, ...] = ()
     """Extra ns-train options per method, as 'METHOD:--opt value ...' (e.g. 'nerfacto:--pipeline.model.hash-... 15')."""
     evaluate_first: bool = True
-    """Also evaluate each run's first checkpoint (the start of the curve). False at full resolution,
-    where one evaluation of 10 views takes minutes (certsdf) to hours (nerfacto) on one core."""
+    """Also evaluate each run's first checkpoint (the start of the curve)."""
     own_budget: Tuple[str, ...] = ()
-    """Methods that get the budget as their own `--max-train-minutes` (only certsdf has one): they plan
-    their schedules for the run's length and stop themselves, as the plain `ns-train certsdf` command
-    does on CPU. Their earlier checkpoints are points of *that* run (a run planned for 10 minutes is
-    not a 30-minute run stopped early: compare budgets with one suite run per budget)."""
+    """Methods that get the budget as their own --max-train-minutes (only certsdf), planning for it and stopping."""
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.own_budget if m != "certsdf"]

@@ -79,6 +79,4 @@ class CertSDFDataManagerConfig(VanillaDataManagerConfig):
 
     _target: Type = field(default_factory=lambda: CertSDFDataManager)
     dataparser: CertSDFDataParserConfig = field(default_factory=CertSDFDataParserConfig)  # type: ignore[assignment]
-    """certsdf's format-detecting dataparser. One type, not nerfstudio's union of parsers: ns-train then
-    takes no dataparser subcommand and its options are plain flags
-    (`--pipeline.datamanager.dataparser.eval-every 8`)."""
+    """certsdf's format-detecting dataparser (one type, so its options are plain flags, no subcommand)."""

@@ -160,23 +160,13 @@ class CertSDFDataParserConfig(DataParserConfig):
     preset_dir: Optional[Path] = None
     """Folder of per-format presets (`blender.json`, `nerfstudio.json`, `neus.json`, `colmap.json`); None: the package's own."""
     eval_every: int = 8
-    """NeuS/IDR and COLMAP: every N-th view (0, N, 2N, …) is held out for evaluation; 0 trains and evaluates
-    on all views. Blender scenes use their split files; transforms.json its preset's split (nerfstudio's 90/10)."""
+    """NeuS/IDR and COLMAP: hold out every N-th view (0, N, 2N, …) for evaluation; 0: train and evaluate on all views."""
     region: Optional[Tuple[float, float, float, float]] = None
-    """The object's region of interest, a ball CX CY CZ R in the scene's own frame (the poses of
-    transforms.json or COLMAP; DTU's millimetres for NeuS/IDR). The certified grid covers its box; on a
-    real capture everything outside it is the background model's. None: NeuS/IDR the unit sphere, other
-    real captures the ball the cameras look at (certsdf_ns/data/region.py), synthetic scenes (alpha, or
-    a plain background) the format's scene box with no region: [-1.5, 1.5]³ for Blender, [-1, 1]³ for
-    nerfstudio and COLMAP."""
+    """The object's ball CX CY CZ R in the scene's frame. None: NeuS's unit sphere; real captures: where the cameras look."""
     use_masks: bool = True
-    """Use the scene's masks when it has them (NeuS/IDR mask/, transforms.json mask_path, COLMAP masks/);
-    False trains and evaluates on the images alone."""
+    """Use the scene's masks when it has them (NeuS/IDR mask/, transforms.json mask_path, COLMAP masks/)."""
     mask_role: Literal["auto", "object", "sampling"] = "auto"
-    """What masks mean. 'object': white = object; they supervise the foreground's accumulation (batch key
-    'certsdf_mask') and rays are sampled everywhere. 'sampling': nerfstudio's meaning, rays only where the
-    mask is set. 'auto': 'object' for NeuS/IDR (mask/ holds object masks), 'sampling' for transforms.json
-    mask_path and COLMAP masks/ (ns-process-data writes validity masks there)."""
+    """'object': masks supervise the silhouette; 'sampling': rays only inside them; 'auto': 'object' for NeuS/IDR, else 'sampling'."""
 
 
 class CertSDFDataParser(DataParser):

@@ -53,8 +53,7 @@ from certsdf_ns.export.run import load_run, read_run_config
 
 MESH_NAME = "certsdf_mesh"
 EXPORT_BYTES_PER_SAMPLE = 16
-"""Peak bytes per lattice sample: two float32 volumes of the separable interpolation alive at once,
-plus a float64 copy should marching cubes make one (the mesh itself grows only with N²)."""
+"""Peak bytes per lattice sample: two float32 volumes of the interpolation and marching cubes' float64 copy."""
 SDF_GRID_NAME = "certsdf_sdf.npz"
 
 
@@ -67,8 +66,7 @@ class MeshExportConfig:
     output_dir: Path
     """Folder for certsdf_mesh.ply (and .obj)."""
     resolution: int = 256
-    """Marching-cubes samples per axis over the scene box (trilinear in the node SDF); 0 = the
-    occupancy grid's own nodes, refined by --upsample."""
+    """Marching-cubes samples per axis over the scene box; 0: the occupancy grid's own nodes, refined by --upsample."""
     upsample: int = 1
     """With --resolution 0: samples per grid cell per axis; 1 meshes the node SDF itself."""
     obj: bool = False
@@ -76,15 +74,11 @@ class MeshExportConfig:
     vertex_colours: bool = False
     """Store the colour field at each vertex, viewed along the inward normal."""
     frame: Literal["original", "nerfstudio"] = "original"
-    """'original' undoes the dataparser transform and scale (the scene's own frame);
-    'nerfstudio' keeps the model's world frame."""
+    """'original': the scene's own frame (the dataparser's transform and scale undone); 'nerfstudio': the model's."""
     sdf_grid: bool = False
-    """Also write DIR/certsdf_sdf.npz: the certified node SDF minus the safety margin, with its box,
-    σ, ε, voxel size and the transform to the chosen frame (see certsdf_ns.export.query; load it with
-    `CertifiedSDF.from_npz`)."""
+    """Also write certsdf_sdf.npz: the certified node SDF minus the safety margin (load with CertifiedSDF.from_npz)."""
     safety_margin_voxels: float = 1.0
-    """With --sdf-grid: margin subtracted from the stored SDF, in voxels of the occupancy grid
-    (certsdf_ns.export.query.DEFAULT_MARGIN_VOXELS; 0 stores the raw certified SDF)."""
+    """With --sdf-grid: margin subtracted from the stored SDF, in voxels of the occupancy grid; 0: the raw SDF."""
 
 
 # --------------------------------------------------------------------------- extraction

@@ -15,7 +15,7 @@ scene. So outside the region certsdf renders a separate radiance field, NeRF++ /
   NeuS-facto's choice, fast with tinycudann) or a dense feature volume read by trilinear
   interpolation plus a small colour MLP (`background-model grid`). On CPU the dense volume costs
   ~0.13 s per training step for 4096 rays × 16 samples, forward and backward, against ~1.3 s for
-  the torch `NerfactoField` (`certsdf_ns/scripts/background_field_cost.py`).
+  the torch `NerfactoField` (`scripts/studies/background_field_cost.py`).
 
 The background is composited behind the foreground: rgb = rgb_fg + (1 − acc_fg)·rgb_bg. It
 never enters the certified SDF, the mesh export or the viewer's SDF views, and the foreground's

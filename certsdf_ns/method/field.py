@@ -114,10 +114,7 @@ class CertSDFFieldConfig:
     init_logit: float = -2.0
     """Initial occupancy logit of every voxel (sigmoid(−2) ≈ 0.12: almost empty, but visible to gradients)."""
     init_ball: float = 0.3
-    """On real captures (a region of interest): the occupancy starts as a ball of this fraction of the
-    region's radius (logit −init_logit inside), as NeuS starts from a sphere. The background model fits
-    faster than an empty grid forms a surface; starting empty, it painted the whole object behind the
-    region (tests/test_background.py). 0: a uniform start."""
+    """Real captures: the occupancy starts as a ball of this fraction of the region's radius; 0: a uniform start."""
     # "colour" is this project's spelling; "color" appears only in names nerfstudio gives
     # (background_color, as in every nerfstudio method). Renaming either would break saved
     # configs and the commands in users' scripts.
@@ -126,19 +123,17 @@ class CertSDFFieldConfig:
     hash_levels: int = 16
     """Hash grid levels."""
     hash_max_res: int = 1024
-    """Finest hash grid resolution."""
+    """Finest hash grid resolution (cells per axis)."""
     hash_log2_size: int = 19
     """log2 of the hash table size per level."""
     dense_resolution: int = 128
-    """Dense colour feature volume resolution (colour_encoding='dense')."""
+    """Nodes per axis of the dense colour feature volume (colour_encoding 'dense')."""
     dense_features: int = 8
     """Channels of the dense colour feature volume."""
     hidden_dim_colour: int = 64
-    """Width of the colour MLP."""
+    """Width of the colour MLP (neurons per hidden layer)."""
     backend: Literal["auto", "tcnn", "torch"] = "auto"
-    """Hash grid / MLP implementation. 'auto': tinycudann on CUDA when importable, torch otherwise.
-    Resolved at construction and written into the saved config, so a checkpoint is never loaded
-    into the other backend."""
+    """Hash grid / MLP implementation; 'auto': tinycudann on CUDA when importable, else torch (saved as resolved)."""
 
 
 class CertSDFField(Field):

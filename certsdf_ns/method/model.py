@@ -51,15 +51,10 @@ from certsdf_ns.method.sdf_outputs import ray_sdf_outputs
 
 
 REAL_FILL_ONLY_STEPS = 150
-"""Steps of a fill-only occluded-space prior on real captures without masks: by step 150 (2.4 min at 400×300 on
-one core) a fill-only prior had grown the whole DTU skull and the whole cup, lid included, and had not yet
-painted the room on the region's shell, which it did later (43% of the skull mesh's area after 15 minutes)."""
+"""Steps during which the occluded-space prior only fills, without alpha or masks (docs/options.md)."""
 
 REAL_FILL_DEPTH_RADII = 0.5
-"""How deep behind the first surface the occluded-space prior fills on a real capture without masks, in region
-radii. A capture sees its object from one side and the table from above: with no limit the prior filled all
-the space they hide, to the region's ball, and the skull's mesh was a ball (35% of its area on the region's
-shell after 15 minutes; README, "Real captures")."""
+"""Reach of the occluded-space prior behind the first surface without alpha or masks, in region radii."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +94,7 @@ class CertSDFModelConfig(ModelConfig, CertSDFFieldConfig):
 
     _target: Type = field(default_factory=lambda: CertSDFModel)
     enable_collider: bool = False
-    """Rays are clipped to the scene box by the model's own AABB collider instead."""
+    """nerfstudio's near/far collider; off: the model clips rays to the scene box with its own AABB collider."""
     sigma_voxels: float = 2.0
     """Randomized-smoothing σ at the end of training, in voxels of the occupancy grid."""
     sigma_start_voxels: float = 2.0
@@ -109,105 +104,60 @@ class CertSDFModelConfig(ModelConfig, CertSDFFieldConfig):
     sharpness_start_voxels: float = 0.25
     """s at step 0; annealed log-linearly to `sharpness_voxels` over `anneal_steps`."""
     anneal_steps: int = 1000
-    """Length of the σ and s schedules."""
+    """Length of the σ and s schedules, in steps."""
     density_map: Literal["unbiased", "paper"] = "unbiased"
-    """How the certified SDF becomes opacity along a ray. 'paper': density −density_scale·ln(1 +
-    density_eps − sigmoid(−sdf/s)) at the sample midpoints (Pérez S. et al.). 'unbiased': NeuS's
-    discrete opacity from the SDF at the sample-interval end points
-    (`certsdf_ns.certified.unbiased_alphas`): transmittance is ½ exactly where sdf = 0, on head-on
-    and grazing (silhouette) rays alike, so the images place the zero set on the object's surface.
-    Costs one extra SDF lookup per ray."""
+    """How the SDF becomes opacity: 'unbiased' (NeuS's, T = ½ on the zero set) or 'paper' (Pérez S. et al.'s density)."""
     unbiased_warmup_steps: Optional[int] = None
-    """With density_map 'unbiased': steps rendered with the paper map first. The unbiased opacity
-    depends only on SDF differences along a ray, and the initial grid has a constant SDF (no surface),
-    so on its own it gets almost no gradient; the paper map forms a first surface. None: 20 steps, or 100
-    on real captures with a background model, where the surface must form without alpha against a
-    background model that fits fast (object in a room, 300 steps: Chamfer-L1 0.097 after 20 steps of
-    warm-up, 0.069 after 100; DTU without masks: mask coverage 0.855 → 0.860; README, "Real captures")."""
+    """With density_map 'unbiased': steps on the paper map first, to form a surface. None: 20, or 100 with a background model."""
     unbiased_blend_steps: int = 20
-    """Then steps over which the opacity is blended linearly from the paper map to the unbiased one."""
+    """Steps after the warm-up over which the opacity blends linearly from the paper map to the unbiased one."""
     anneal_start_step: int = 0
-    """Step at which the σ/s anneal starts (a budgeted run holds it through its timing warm-up;
-    set by the trainer, see certsdf_ns/training/budget.py)."""
+    """Step at which the σ/s anneal starts (set by the trainer: a budgeted run holds it through its warm-up)."""
     anneal_stretch: float = 1.0
-    """The anneal lasts `anneal_steps * anneal_stretch` steps (a budgeted run compresses it to
-    its planned length; set by the trainer)."""
+    """The anneal lasts anneal_steps × this (set by the trainer: a budgeted run fits it to its planned length)."""
     sampler: Literal["certified", "uniform"] = "certified"
-    """'certified': march each ray with certified steps to where the density can matter (the band
-    sdf < d_τ, see `band_opacity`) and put the uniform and PDF samples only there; rays that never
-    reach the band are background. 'uniform': the samples span the whole scene box (the reference)."""
+    """'certified': samples only where the certificate allows density; 'uniform': samples over the whole scene box."""
     band_opacity: float = 1e-3
-    """τ of the certified sampler: a skipped stretch of a ray can hold at most this opacity (unbiased
-    map; for the paper map, during the warm-up, the band widens so the whole box diagonal does), so a
-    pixel's colour moves by at most τ. d_τ = s·ln((1 − τ)/τ): 1.7 voxels at s = ¼ voxel. On lego
-    (500 steps) 1e-3 and 1e-4 render within 0.02 dB of a dense reference; 1e-3 skips more."""
+    """τ of the certified sampler: the most opacity a skipped stretch of a ray can hold (a pixel moves by at most τ)."""
     trace_iterations: int = 24
-    """Certified-sampler march steps per direction (batched; a ray still marching when they run out
-    samples from where it stopped, which is safe)."""
+    """Certified-sampler march steps per direction (a ray still marching then samples from where it stopped)."""
     trace_brick_voxels: int = 8
     """Brick edge (voxels) of the map that lets the march jump further than the SDF's clamp in empty space."""
     trace_min_step_voxels: float = 0.25
     """A march step shorter than this (voxels) means the band is that close: the ray's samples start there."""
     miss_samples: int = 16
-    """Training only: uniform samples over the whole box for rays that never reach the band, so that a
-    pixel of the object the grid still lacks keeps pulling geometry in (the alpha loss's gradient does
-    not vanish with the density). Outside training such rays show the background."""
+    """Training only: uniform samples over the box on rays that miss the band, so missing geometry gets gradient."""
     num_coarse_samples: int = 64
-    """Uniform samples per ray over its sampled interval (the band with the certified sampler, else the
-    box): density only, trilinear lookups."""
+    """Uniform samples per ray over its sampled interval (the band with the certified sampler, else the box)."""
     num_fine_samples: int = 32
     """PDF samples per ray, drawn from the coarse weights and merged with the coarse samples."""
     include_coarse_samples: bool = True
-    """Render with the coarse samples merged into the PDF samples (more robust, ~2x the lookups)."""
+    """Render with the coarse samples merged into the PDF samples (more robust, twice the lookups)."""
     colour_weight_threshold: float = 1e-4
-    """The colour network runs only on samples whose rendering weight exceeds this..."""
+    """Samples whose rendering weight is at most this get no colour-network evaluation."""
     colour_samples_per_ray: int = 8
-    """...and on at most this many samples per ray (the heaviest ones)."""
+    """At most this many samples per ray (the heaviest) go through the colour network."""
     background_color: Literal["random", "white", "black"] = "random"
-    """Training background. 'random' composites RGBA targets on random colours, so
-    semi-transparent fog in front of a plain background is no longer free."""
+    """Training background; 'random' composites RGBA targets on random colours, so semi-transparent fog is not free."""
     eval_background_color: Literal["white", "black"] = "white"
     """Background for rendering and metrics outside training (NeRF-synthetic is evaluated on white)."""
     fill_loss_mult: float = 0.03
-    """Weight of the occluded-space prior: occupancy at a sample is pulled towards 1 − T (its
-    probability of being behind the first surface). Fills object interiors, which the
-    photometric loss never sees, so the zero level set bounds a solid; free space is pulled to 0.
-    0.03 since the unbiased density map: that map gives interiors no photometric gradient at all
-    (opacity comes from SDF differences, and T ≈ 0 behind the surface), and at 0.01 bunny kept 20
-    interior cavities after 100 steps (Chamfer-L1 0.0185; 0.0086 at 0.03). Larger weights push the
-    zero set outward (median offset +0.07 voxel at 0.03, +0.12 at 0.1; README, "Where the zero set
-    sits")."""
+    """Weight of the occluded-space prior: occupancy is pulled towards 1 − T, which fills object interiors."""
     fill_carve_start_step: Optional[int] = None
-    """Step from which the occluded-space prior also pulls occupancy in front of the first surface (T ≈ 1)
-    towards 0; before it the prior only fills (pulls occupancy up towards 1 − T, never down). None: 0 on
-    synthetic data and with object masks, REAL_FILL_ONLY_STEPS on a real capture without masks. There the
-    background model fits fast and renders parts of the object, the foreground's transmittance is then no
-    evidence of free space, and carving by it from the start kept them out of the grid for good (the shared
-    cup's lid, after 15 minutes). Carving never: the room gets painted on the region's shell (README,
-    "Real captures")."""
+    """Step from which the occluded-space prior also empties space before the first surface. None: 0, or 150 without alpha or masks."""
     fill_depth: Optional[float] = None
-    """How far behind the first surface the occluded-space prior reaches, in region radii: a sample is weighed
-    by the transmittance this far in front of it, so space deeper behind every view's first surface gets no
-    target (it keeps its start, nearly empty). None: unlimited on synthetic data and with object masks (an
-    object seen from all sides, or silhouettes that carve the rest), REAL_FILL_DEPTH_RADII on a real capture
-    without masks, where the space under the table and behind the object is never seen."""
+    """Reach of the occluded-space prior behind the first surface (region radii). None: unlimited, or 0.5 without alpha or masks."""
     fill_ray_fraction: float = 0.25
-    """Fraction of the batch's rays on which the occluded-space prior is evaluated."""
+    """Fraction of the batch's rays on which the occluded-space prior is evaluated (0 to 1)."""
     binary_loss_mult: float = 1e-3
     """Weight of mean o·(1−o) over the grid: the smoothed classifier should smooth a classifier."""
     tv_loss_mult: float = 1e-4
     """Weight of total variation of the occupancy grid (suppresses isolated floaters)."""
     alpha_loss_mult: float = 0.1
-    """Weight of a binary cross-entropy between each ray's accumulation and its pixel's alpha, on
-    RGBA data (NeRF-synthetic), or its object mask where the data has masks (NeuS/IDR mask/); 0 turns it off. Random backgrounds penalise a haze of opacity
-    a only through its colour error, ~a², whose gradient vanishes as a → 0: on lego a ~5% haze
-    over most of the background survives 10 minutes of training. The BCE's gradient does not."""
+    """Weight of the cross-entropy of each ray's accumulation against its alpha or object mask; 0 turns it off."""
 
     background_model: Literal["auto", "none", "grid", "nerfacto"] = "auto"
-    """What renders the world outside the object's region (certsdf_ns/method/background.py). 'auto': none
-    on synthetic scenes (alpha or a plain background: the object is alone), and on real captures
-    'nerfacto' (nerfstudio's NerfactoField, NeuS-facto's background) with tinycudann, else 'grid' (a dense
-    feature volume on the contracted space, ~10x cheaper on CPU). 'none': the fixed background colour."""
+    """What renders the world outside the region. 'auto': none on synthetic scenes, else nerfacto with tinycudann, else grid."""
     num_background_samples: int = 16
     """Background samples per ray, linear in disparity from the region's exit to the far plane."""
     background_start_radii: float = 1.0
@@ -219,9 +169,7 @@ class CertSDFModelConfig(ModelConfig, CertSDFFieldConfig):
     background_grid_features: int = 8
     """background-model grid: colour feature channels (plus one for density)."""
     background_view_dependent: bool = True
-    """background-model grid: colour depends on the view direction (spherical harmonics into the colour
-    MLP). A view-dependent background could paint the object behind the region differently for each view;
-    turning it off did not keep more of the object on DTU without masks (README, "Real captures")."""
+    """background-model grid: colour depends on the view direction (spherical harmonics into the colour MLP)."""
 
     @property
     def sdf_field(self) -> bool:

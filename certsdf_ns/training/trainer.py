@@ -27,6 +27,9 @@ What it changes, and why:
   data loading) reaches the budget, or at `--max-num-iterations`, whichever comes first. The
   time spent and the schedule plan go into the checkpoint, so a resumed run trains only the
   time left, on the same step → schedule map. On CPU the plain command gets a default budget.
+- **A run ends with its result.** Its last step evaluates (the evaluations a full-length run would
+  have run, and at least one eval image: nerfstudio evaluates nothing at the last step), and its last
+  line gives the PSNR and SSIM, on how many held-out views, the checkpoint and the export command.
 - **Full disks.** Free space is checked against the checkpoint's size before each save; a
   save that fails for lack of space removes its partial file, keeps the previous checkpoint
   and exits 2 naming the folder and the space needed.
@@ -34,9 +37,9 @@ What it changes, and why:
 
 from __future__ import annotations
 
-import errno
 import os
 import random
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,12 +81,10 @@ PLAN_KEY = "certsdf_schedule_plan"
 DEFAULT_MAX_STEPS = 30_000
 """The method's default --max-num-iterations: the run length its schedules are written for."""
 EVAL_CADENCES = ("steps_per_eval_batch", "steps_per_eval_image", "steps_per_eval_all_images")
-# Test hook: "STEP:MARKER" pauses the save of checkpoint STEP after its first 64 KiB are on disk,
-# touching MARKER, so a test can SIGKILL the process deterministically mid-write.
-PAUSE_ENV = "CERTSDF_TEST_PAUSE_IN_SAVE"
-# Test hook: "STEP" makes the save of checkpoint STEP fail with ENOSPC after its first 64 KiB,
-# as a full disk does (torch.save then raises its "unexpected pos" RuntimeError).
-DISK_FULL_ENV = "CERTSDF_TEST_DISK_FULL_IN_SAVE"
+IMAGE_METRICS = "Eval Images Metrics"
+"""nerfstudio's name of one eval image's metrics (PSNR, SSIM, …) in its event storage."""
+ALL_IMAGES_METRICS = "Eval Images Metrics Dict (all images)"
+"""nerfstudio's name of the metrics averaged over every eval image."""
 
 
 @dataclass
@@ -94,31 +95,17 @@ class CertSDFTrainerConfig(TrainerConfig):
     check_memory: bool = True
     """Refuse to start when the estimated training memory exceeds the available memory."""
     max_train_minutes: Optional[float] = None
-    """Wall-clock budget in minutes: training stops once the time spent in training iterations
-    (steps, periodic evaluations, checkpoint saves; not start-up, data loading, or the evaluation
-    and checkpoint at the budget's end) would exceed it, or at
-    max_num_iterations, whichever comes first. A resumed run (--load-dir) counts the time already
-    spent. 0: no budget. None: `cpu_default_minutes` when training on CPU with max_num_iterations
-    left at its default (30,000), else no budget."""
+    """Budget of training time (minutes), resumed runs included. 0: none; None: cpu_default_minutes on CPU, else none."""
     cpu_default_minutes: float = 30.0
-    """The budget of a CPU run that sets neither max_train_minutes nor max_num_iterations."""
+    """The budget (minutes) of a CPU run that sets neither max_train_minutes nor max_num_iterations."""
     budget_warmup_steps: Optional[int] = None
-    """A budgeted run trains this many steps with its schedules held at their start, times the last
-    `budget_timing_steps` of them, then plans how many steps fit and fits the schedules to them.
-    None: until 20 steps after the model's density-map warm-up and blend (certsdf: 20 + 20 steps on
-    synthetic scenes, 100 + 20 on real captures). During those the grid is still fog, rendered with
-    the paper's map, which the certified sampler cannot skip: on lego at 800x800 they took 1.45 s per
-    step against 0.87 s for the whole 10-minute run, and a plan timed on steps 3-20 fitted the
-    schedules to 419 of the 686 steps that ran."""
+    """Steps a budgeted run trains with held schedules before it plans. None: the density-map warm-up and blend + 20."""
     budget_timing_steps: int = 20
     """The plan's seconds per step are measured over the last this many warm-up steps."""
     schedule_reference_steps: int = DEFAULT_MAX_STEPS
-    """The run length the configured schedules (scheduler max_steps, the model's anneal_steps)
-    are written for; a budgeted run compresses them by planned steps / this."""
-    eval_at_budget_end: bool = True
-    """When the budget ends training, run at the last step the evaluations that a full run would
-    have run (each whose steps_per_eval_* is at most max_num_iterations), unless this step ran them.
-    They run after the budget (one 800x800 eval image took ~40 s on one CPU core)."""
+    """Run length (steps) the configured schedules are written for; a budgeted run scales them by planned steps / this."""
+    eval_at_end: bool = True
+    """Evaluate at the last step (after the budget, if one ends training) and print PSNR and SSIM in the last line."""
 
     def budget_minutes(self) -> Optional[float]:
         """The budget this run trains with (minutes), or None."""
@@ -183,51 +170,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _PauseMidWrite:
-    """File wrapper for the kill test: after 64 KiB, flush, touch the marker and sleep."""
-
-    def __init__(self, f, marker: Path) -> None:
-        self.f, self.marker, self.written = f, marker, 0
-
-    def write(self, data) -> int:
-        n = self.f.write(data)
-        self.written += len(data)
-        if self.written >= 65536 and not self.marker.exists():
-            self.f.flush()
-            self.marker.touch()
-            time.sleep(600)
-        return n
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-class _FullDiskMidWrite(_PauseMidWrite):
-    """File wrapper for the full-disk test: after 64 KiB on disk, every write fails with ENOSPC."""
-
-    def __init__(self, f) -> None:
-        super().__init__(f, Path(os.devnull))
-
-    def write(self, data) -> int:
-        if self.written >= 65536:
-            self.f.flush()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.written += len(data)
-        return self.f.write(data)
-
-
-def _test_hook_writer(f, step: int):
-    """`f`, or the wrapper a test hook (PAUSE_ENV, DISK_FULL_ENV) asks for at this step."""
-    pause = os.environ.get(PAUSE_ENV, "")
-    if pause and int(pause.split(":", 1)[0]) == step:
-        return _PauseMidWrite(f, Path(pause.split(":", 1)[1]))
-    full = os.environ.get(DISK_FULL_ENV, "")
-    if full and int(full) == step:
-        return _FullDiskMidWrite(f)
-    return f
-
-
-def atomic_torch_save(obj: Any, path: Path, step: int = -1) -> None:
+def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to `<folder>.partial/<name>`, fsync, then os.replace onto `path`.
 
     A failed write (e.g. a full disk) removes its partial file before re-raising; only a
@@ -238,7 +181,7 @@ def atomic_torch_save(obj: Any, path: Path, step: int = -1) -> None:
     tmp = partial_dir / path.name
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, _test_hook_writer(f, step))
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
     except Exception:
@@ -331,6 +274,9 @@ class CertSDFTrainer(Trainer):
         """Training seconds at that point (the end-of-budget evaluation and save come after)."""
         self._written: List[Path] = []
         """Checkpoints this process wrote, oldest first: the only ones it may overwrite or prune."""
+        self._result: Optional[Tuple[Dict[str, float], int]] = None
+        """The final image evaluation's metrics and number of views, once it ran."""
+        self._result_printed = False
 
     def setup(self, test_mode="val") -> None:
         super().setup(test_mode=test_mode)  # loads the checkpoint to resume from, if any
@@ -408,8 +354,9 @@ class CertSDFTrainer(Trainer):
             for name, label in zip(EVAL_CADENCES, ("eval batch", "eval image", "all eval images"))
             if 0 < getattr(cfg, name) <= cfg.max_num_iterations
         ]
-        if evals and self._budget is not None and cfg.eval_at_budget_end:
-            evals.append("and at the end (after the budget)")
+        if cfg.eval_at_end:
+            end = "at the end" + (" (after the budget)" if self._budget is not None else "")
+            evals.append(f"and {end}" if evals else f"eval {end}")
         how = "--max-train-minutes M (0: no budget) or --max-num-iterations N; eval with --steps-per-eval-image N"
         return f"plan: {what}; {', '.join(evals) or 'no evaluation'}. Change with {how}."
 
@@ -498,17 +445,20 @@ class CertSDFTrainer(Trainer):
 
     def eval_iteration(self, step: int) -> None:
         super().eval_iteration(step)
-        if step == self._stopped_at and self.config.eval_at_budget_end:
+        last = self._start_step + self.config.max_num_iterations - 1
+        if self.config.eval_at_end and step in (self._stopped_at, last):
             self._final_eval(step)
         self._close_interval()
 
     def _final_eval(self, step: int) -> None:
-        """The evaluations a full-length run would have run that this step did not."""
+        """At the run's last step: the evaluations a full-length run would have run that this step did
+        not, and one eval image if no image was evaluated (nerfstudio evaluates none at the last step)."""
         cfg = self.config
         saved = {name: getattr(cfg, name) for name in EVAL_CADENCES}
-        due = {n: 0 < v <= cfg.max_num_iterations and not step_check(step, v) for n, v in saved.items()}
-        if not any(due.values()):
-            return
+        ran = {n: step_check(step, v) for n, v in saved.items()}
+        due = {n: 0 < v <= cfg.max_num_iterations and not ran[n] for n, v in saved.items()}
+        if not any(ran[n] or due[n] for n in EVAL_CADENCES[1:]):
+            due["steps_per_eval_image"] = True  # the result line needs an image's PSNR and SSIM
         try:
             for name in EVAL_CADENCES:  # cadence 1 runs at any step > 0; 0 never runs
                 object.__setattr__(cfg, name, 1 if due[name] else 0)
@@ -516,6 +466,38 @@ class CertSDFTrainer(Trainer):
         finally:
             for name, value in saved.items():
                 object.__setattr__(cfg, name, value)
+        self._result = self._image_metrics(step)
+
+    def _image_metrics(self, step: int) -> Optional[Tuple[Dict[str, float], int]]:
+        """(metrics, number of views) of this step's image evaluation, as nerfstudio logged it (every eval
+        image rather than one when both ran), or None."""
+        logged = {e["name"]: e["event"] for e in writer.EVENT_STORAGE if e["step"] == step}
+        if ALL_IMAGES_METRICS in logged:
+            return logged[ALL_IMAGES_METRICS], len(self.pipeline.datamanager.eval_dataset)
+        if IMAGE_METRICS in logged:
+            return logged[IMAGE_METRICS], 1
+        return None
+
+    def result_line(self) -> str:
+        """The run's last line: its final PSNR and SSIM, its checkpoint, and the command that exports its mesh."""
+        cfg = self.config
+        if self._result is not None:
+            metrics, views = self._result
+            held_out = len(self.pipeline.datamanager.eval_dataset)
+            what = f"PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f} on {views} of {held_out} held-out views"
+        elif not cfg.eval_at_end:
+            what = "not evaluated (--eval-at-end False)"
+        elif not self.pipeline.datamanager.eval_dataset:
+            what = "not evaluated (no held-out views)"
+        elif not (cfg.is_tensorboard_enabled() or cfg.is_wandb_enabled() or cfg.is_comet_enabled()):
+            what = f"not evaluated (--vis {cfg.vis} runs no evaluation; add tensorboard)"
+        else:
+            what = "not evaluated (training stopped before its last step)"
+        run = cfg.get_base_dir()
+        checkpoint = self._written[-1] if self._written else self.checkpoint_dir
+        config, out = shlex.quote(str(run / "config.yml")), shlex.quote(str(run / "export"))
+        export = f"certsdf-export --load-config {config} --output-dir {out}"
+        return f"result at step {self.step}: {what}; checkpoint {checkpoint}; export the mesh: {export}"
 
     def _after_train(self) -> None:
         if self._stopped_at is not None:
@@ -526,7 +508,17 @@ class CertSDFTrainer(Trainer):
                 f"time budget reached after step {self._stopped_at} ({format_minutes(self._stop_seconds)} of "
                 f"training; the evaluation at the end took {after:.0f} s more)."
             )
-        super()._after_train()
+        super()._after_train()  # the final checkpoint; with the viewer open, _train_complete_viewer waits
+        self._print_result()
+
+    def _train_complete_viewer(self) -> None:
+        self._print_result()  # before the viewer keeps the process running
+        super()._train_complete_viewer()
+
+    def _print_result(self) -> None:
+        if self.local_rank == 0 and not self._result_printed:
+            self._result_printed = True
+            log(self.result_line())
 
     # -- saving -----------------------------------------------------------------------
     def _expected_checkpoint_bytes(self) -> int:
@@ -568,7 +560,7 @@ class CertSDFTrainer(Trainer):
         need = tensor_bytes(state) + SAVE_OVERHEAD_BYTES
         self._warn_if_low_space(need)
         try:
-            atomic_torch_save(state, ckpt_path, step)
+            atomic_torch_save(state, ckpt_path)
         except Exception as err:
             if not is_disk_full(err):
                 raise

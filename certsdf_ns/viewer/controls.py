@@ -77,12 +77,9 @@ class ViewerControlsConfig:
     preview_colour_samples: int = 3
     """At most this many colour-network samples per ray in those preview renders."""
     cpu_max_res: int = 128
-    """On a machine without CUDA, lower the viewer's "Max res" (nerfstudio's default 512) to this at
-    start-up: the still frame is rendered under the training lock, and 512×288 px takes about a
-    minute on two cores, stalling training and every GUI callback meanwhile. 0 keeps 512."""
+    """Without CUDA, the viewer's "Max res" at start-up, in pixels (nerfstudio's 512 stalls training); 0 keeps 512."""
     start_at_train_camera: bool = True
-    """Open each new browser tab at the first training camera, orbiting the scene box centre. viser's
-    default camera sits at (−0.3, 0.3, −0.3) world units, i.e. inside a unit-box scene."""
+    """Open each new browser tab at the first training camera, orbiting the scene box centre."""
 
 
 VISER_SCALE = float(VISER_NERFSTUDIO_SCALE_RATIO)

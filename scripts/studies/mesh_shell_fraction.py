@@ -1,6 +1,6 @@
 """How much of a mesh lies on the region's ball: the room painted on the region's wall, rather than the object.
 
-    python certsdf_ns/scripts/mesh_shell_fraction.py MESH.ply CX CY CZ R
+    python scripts/studies/mesh_shell_fraction.py MESH.ply CX CY CZ R
 
 MESH in the frame of the ball (the bench's meshes, `bench_results/real/runs/*/meshes/`, are in the
 dataparser's frame, as is the `region of interest` line that ns-train prints). Prints the fraction of
@@ -21,7 +21,11 @@ def shell_fractions(mesh: trimesh.Trimesh, centre: np.ndarray, radius: float) ->
     return {f"beyond {t}": float(area[reach > t].sum() / area.sum()) for t in (0.97, 0.9)}
 
 
-if __name__ == "__main__":
+def main() -> None:
     mesh = trimesh.load(sys.argv[1], force="mesh")
     centre, radius = np.array([float(v) for v in sys.argv[2:5]]), float(sys.argv[5])
     print(f"area {mesh.area:.3f}; " + ", ".join(f"{k} radii: {v:.3f}" for k, v in shell_fractions(mesh, centre, radius).items()))
+
+
+if __name__ == "__main__":
+    main()

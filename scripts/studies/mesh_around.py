@@ -1,6 +1,6 @@
 """A mesh seen from the front, the side and behind: what the held-out views never show.
 
-    python certsdf_ns/scripts/mesh_around.py DATA MESH.ply OUT.png CX CY CZ
+    python scripts/studies/mesh_around.py DATA MESH.ply OUT.png CX CY CZ
 
 DATA is the scene folder (any format certsdf detects); MESH is in the dataparser's frame (the bench's
 meshes, `RESULTS/real/runs/*/meshes/`), and (CX, CY, CZ) is the region's centre in that frame (the
@@ -30,7 +30,8 @@ def look_at(position: np.ndarray, centre: np.ndarray, up: np.ndarray) -> torch.T
     return torch.tensor(np.stack([right, np.cross(right, forward), -forward, position], axis=1), dtype=torch.float32)
 
 
-def main(data: Path, mesh_path: Path, out: Path, centre: np.ndarray) -> None:
+def mesh_around(data: Path, mesh_path: Path, out: Path, centre: np.ndarray) -> None:
+    """Write the front, side and behind pictures of `mesh_path` around `centre`, side by side, to `out`."""
     camera = CertSDFDataParserConfig(data=data).setup().get_dataparser_outputs("train").cameras[0:1]
     camera.rescale_output_resolution(0.5)
     pose = camera.camera_to_worlds[0].numpy()
@@ -46,5 +47,9 @@ def main(data: Path, mesh_path: Path, out: Path, centre: np.ndarray) -> None:
     print(f"front, side, behind -> {out}")
 
 
+def main() -> None:
+    mesh_around(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), np.array([float(v) for v in sys.argv[4:7]]))
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), np.array([float(v) for v in sys.argv[4:7]]))
+    main()

@@ -1,6 +1,6 @@
 """Silhouette IoU and mask coverage of a trained certsdf run's mesh on its held-out views.
 
-    python certsdf_ns/scripts/heldout_silhouettes.py outputs/EXP/certsdf/TS/config.yml [--resolution 256]
+    python scripts/studies/heldout_silhouettes.py outputs/EXP/certsdf/TS/config.yml [--resolution 256]
 
 For a NeuS/IDR run (DTU): the certified grid's zero set (the bench's extraction) is ray-cast from
 every held-out camera at the run's resolution and compared with the scene's object masks, read

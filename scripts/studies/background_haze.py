@@ -1,6 +1,6 @@
 """How much of a certsdf run's image error is haze over the background (RGBA test images only).
 
-    .venv/bin/python certsdf_ns/scripts/background_haze.py outputs/.../config.yml [--views 0 3]
+    .venv/bin/python scripts/studies/background_haze.py outputs/.../config.yml [--views 0 3]
 
 For each test view: PSNR, the mean rendered accumulation where the image's alpha is < 0.5,
 the fraction of those pixels above 0.02, and the squared error split between object and

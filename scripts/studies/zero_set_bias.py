@@ -1,6 +1,6 @@
 """Where do the images put the surface, relative to the certified SDF's zero set? (issue 13)
 
-    python -m certsdf_ns.scripts.zero_set_bias --load-config RUN/config.yml --scene SCENE [--views 8]
+    python scripts/studies/zero_set_bias.py --load-config RUN/config.yml --scene SCENE [--views 8]
 
 On a trained grid, with no further training, along the rays of the scene's training cameras:
 

@@ -1,6 +1,6 @@
 """ns-eval of a Blender-format run on every N-th test view (full-resolution lego: 200 views take hours).
 
-    python certsdf_ns/scripts/eval_test_subset.py outputs/EXP/certsdf/TS/config.yml --every 20 --output-path m10_test10.json
+    python scripts/studies/eval_test_subset.py outputs/EXP/certsdf/TS/config.yml --every 20 --output-path m10_test10.json
 
 Writes, next to the run's config.yml, a copy of the scene folder (`test_every<N>/`: the split files,
 with transforms_test.json keeping frames[::N], and the image folders symlinked) and `config_test<K>.yml`,

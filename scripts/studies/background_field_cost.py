@@ -1,6 +1,6 @@
 """Cost of the background model's candidates on CPU: one training step's forward + backward.
 
-    OMP_NUM_THREADS=1 taskset -c 0 python certsdf_ns/scripts/background_field_cost.py [--rays 4096 --samples 16]
+    OMP_NUM_THREADS=1 taskset -c 0 python scripts/studies/background_field_cost.py [--rays 4096 --samples 16]
 
 Times, for `rays × samples` random points around the region, nerfstudio's NerfactoField (torch;
 `background-model nerfacto`) and certsdf's dense feature volume on the contracted space
