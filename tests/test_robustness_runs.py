@@ -28,7 +28,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import ns
 from hooks.sitecustomize import PAUSE_ENV, fault_env
 
-from certsdf_ns.training.trainer import CHECKPOINT_NAME, PARTIAL_SUFFIX, newest_complete_checkpoint
+from certsdf_ns.training.trainer import PARTIAL_SUFFIX, newest_complete_checkpoint
 
 STEPS = 50
 KILL_AT = 30  # B dies while writing this checkpoint...

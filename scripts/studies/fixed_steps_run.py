@@ -21,11 +21,12 @@ from pathlib import Path
 
 import trimesh
 
-from certsdf_ns.bench.evaluate import load_pipeline, render_metrics, test_views
+from certsdf_ns.bench.evaluate import render_metrics, test_views
 from certsdf_ns.bench.margin import margin_report
 from certsdf_ns.bench.meshes import certsdf_grid_mesh
 from certsdf_ns.export.geometry_eval import evaluate_mesh
-from certsdf_ns.export.query import CertifiedSDF, latest_checkpoint
+from certsdf_ns.export.query import CertifiedSDF
+from certsdf_ns.export.run import load_run
 
 
 def main() -> None:
@@ -47,9 +48,8 @@ def main() -> None:
             proc = subprocess.run(["taskset", "-c", "1", *cmd], stdout=log, stderr=subprocess.STDOUT)
         train_wall = time.time() - t0
         assert proc.returncode == 0, f"ns-train failed, see {out/'train.log'}"
-    ckpt = latest_checkpoint(config.parent / "nerfstudio_models")
-    step = int(ckpt.stem.split("-")[1])
-    _, pipeline = load_pipeline(config, step)
+    run = load_run(config)
+    step, pipeline = run.step, run.pipeline
     cameras, images = test_views(scene, 1.0, 5)
     im = render_metrics(pipeline, cameras, images, step)
     gt = trimesh.load(str(scene / "gt_mesh.ply"), force="mesh")

@@ -29,7 +29,7 @@ from PIL import Image
 from scipy import ndimage
 
 from certsdf_ns.certified import sdf_to_density, unbiased_alphas
-from certsdf_ns.export.query import load_checkpoint_grid, read_model_config
+from certsdf_ns.export.run import load_run
 
 
 def camera_rays(frame: dict, angle_x: float, size: int) -> tuple:
@@ -82,11 +82,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
-    grid, _ = load_checkpoint_grid(args.load_config)
-    model = read_model_config(args.load_config)
+    model = load_run(args.load_config).model
+    grid = model.field.geometry
     voxel = float(grid.voxel_size.min())
-    s = float(model["sharpness_voxels"]) * voxel
-    scale, eps = float(model.get("density_scale", 30.0)), float(model.get("density_eps", 1e-6))
+    s = model.config.sharpness_voxels * voxel
+    scale, eps = model.config.density_scale, model.config.density_eps
     sdf_nodes = grid.sdf_grid()
     meta = json.loads((args.scene / "transforms_train.json").read_text())
     frames = meta["frames"][:: max(1, len(meta["frames"]) // args.views)][: args.views]
