@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -26,9 +27,21 @@ import trimesh
 from jaxtyping import Float
 from PIL import Image, ImageDraw
 
+from certsdf_ns.console import python_warnings_env, silence_known_noise
 from certsdf_ns.data.scenes import make_scene
 from certsdf_ns.output_paths import OutputLocationError, check_writable_dir
 
+# The demo's size: about two minutes on one CPU core, training included (see README).
+IMAGE_SIZE = 100
+"""Rendered image size (pixels)."""
+VIEWS = {"n_train": 80, "n_val": 8, "n_test": 10}
+"""Views of each split of the demo scene."""
+STEPS = 200
+"""Training iterations."""
+GRID_RESOLUTION = 128
+"""Nodes per side of the certified grid."""
+RAYS = 1024
+"""Training rays per step."""
 PANEL = 256
 """Pixels per side of each panel of the picture."""
 MESH_COLOUR = np.array([0.90, 0.78, 0.47])
@@ -38,8 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="certsdf-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scene-dir", type=Path, default=Path("demo_data/demo_scene"), help="where the demo scene is written")
     p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="ns-train output folder")
-    p.add_argument("--image-size", type=int, default=100, help="rendered image size (pixels)")
-    p.add_argument("--steps", type=int, default=200, help="training iterations (~0.8 s each on one CPU core)")
+    p.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="rendered image size (pixels)")
+    p.add_argument("--steps", type=int, default=STEPS, help="training iterations")
+    p.add_argument("--grid-resolution", type=int, default=GRID_RESOLUTION, help="certified grid's nodes per side")
+    p.add_argument("--rays", type=int, default=RAYS, help="training rays per step")
     p.add_argument("--picture", type=Path, default=Path("demo_result.png"), help="where the side-by-side picture goes")
     p.add_argument("--viewer", action="store_true", help="open nerfstudio's viewer on 127.0.0.1:7007 while training")
     return p
@@ -59,12 +74,16 @@ def train(args: argparse.Namespace) -> Path:
         "--experiment-name", "demo",
         "--max-num-iterations", str(args.steps),
         "--steps-per-save", str(args.steps),
+        "--pipeline.model.grid-resolution", str(args.grid_resolution),
+        "--pipeline.datamanager.train-num-rays-per-batch", str(args.rays),
         "--vis", "viewer+tensorboard" if args.viewer else "tensorboard",
         "--viewer.quit-on-train-completion", "True",
     ]  # fmt: skip
     say(" ".join(cmd))
     started = time.perf_counter()
-    rc = subprocess.call(cmd)
+    # nerfstudio's deprecation warnings at import come before certsdf's plugin loads: hidden here.
+    env = dict(os.environ, PYTHONWARNINGS=python_warnings_env(os.environ.get("PYTHONWARNINGS")))
+    rc = subprocess.call(cmd, env=env)
     if rc != 0:
         raise SystemExit(f"[certsdf-demo] ns-train failed with exit code {rc}")
     runs = sorted((args.output_dir / "demo" / "certsdf").glob("*/config.yml"), key=lambda p: p.stat().st_mtime)
@@ -146,6 +165,8 @@ def evaluate(config: Path, picture: Path, gt_mesh_path: Path) -> Tuple[dict, dic
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    started = time.perf_counter()
+    silence_known_noise()  # before the evaluation imports nerfstudio
     try:  # before rendering and training (ns-train checks its run folder again)
         check_writable_dir(args.output_dir, "--output-dir")
         check_writable_dir(args.picture.parent, "--picture's folder")
@@ -156,14 +177,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if not (args.scene_dir / "transforms_train.json").exists():
         say(f"rendering the demo scene into {args.scene_dir} ...")
-        make_scene(args.scene_dir, image_size=args.image_size, n_train=80, n_val=8, n_test=10)
+        make_scene(args.scene_dir, image_size=args.image_size, **VIEWS)
     else:
         say(f"reusing the demo scene in {args.scene_dir}")
     config = train(args)
     image_metrics, geometry_metrics, mesh_path = evaluate(config, args.picture, args.scene_dir / "gt_mesh.ply")
     fscore = geometry_metrics["fscore"]
     print()
-    say(f"test PSNR {image_metrics['psnr']:.2f} dB, SSIM {image_metrics['ssim']:.3f} (10 test views)")
+    say(f"test PSNR {image_metrics['psnr']:.2f} dB, SSIM {image_metrics['ssim']:.3f} ({VIEWS['n_test']} test views)")
     say(
         f"mesh {mesh_path}: Chamfer-L1 {geometry_metrics['chamfer_l1']:.4f}, "
         f"F@0.01 {fscore['0.01']:.3f}, F@0.02 {fscore['0.02']:.3f} against {args.scene_dir / 'gt_mesh.ply'} "
@@ -171,6 +192,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     say(f"picture: {args.picture} (ground truth | render | certified-SDF slice | mesh)")
     say(f"open the viewer:  ns-viewer --load-config {config} --viewer.websocket-host 127.0.0.1")
+    say(f"done in {time.perf_counter() - started:.0f} s")
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional, Type
 
+import torch
 from torch.cuda.amp.grad_scaler import GradScaler
 
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes
@@ -53,3 +54,9 @@ class CertSDFPipeline(VanillaPipeline):
 
     def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
         return super().get_training_callbacks(training_callback_attributes) + self.viewer_controls.training_callbacks()
+
+    @torch.no_grad()
+    def get_eval_loss_dict(self, step: int):
+        """nerfstudio's, without an autograd graph: the eval batch's losses are only logged (and
+        nerfstudio's float() of a tensor that requires grad makes torch warn)."""
+        return super().get_eval_loss_dict(step)

@@ -7,11 +7,13 @@ trains once. The run goes through the real CLI as a subprocess.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import List, Sequence
 
 import pytest
 
@@ -36,12 +38,40 @@ def ns(cmd: str) -> str:
 
 
 def run_cli(args, timeout: float = 900, cwd: Path | None = None, env_extra: dict | None = None):
+    """Run a CLI to completion. Python warnings are off unless `env_extra` sets PYTHONWARNINGS; an
+    entry of None removes that variable (PYTHONWARNINGS None: Python's default filters, as a user has)."""
     env = dict(os.environ)
     env.setdefault("PYTHONWARNINGS", "ignore")
-    env.update(env_extra or {})
+    for name, value in (env_extra or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     return subprocess.run(
         [str(a) for a in args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
     )
+
+
+_PYTHON_WARNING = re.compile(r"^\S.*:\d+: \w*Warning: (?P<message>.*)$")
+
+
+def warning_lines(output: str, allowed: Sequence[str] = ()) -> List[str]:
+    """The lines of a command's output that are warnings: Python's ("file:line: SomeWarning: message",
+    then the source line under it) and any other line with "Warning" or "warn(" in it (a rich console's
+    "Warning: …"). A Python warning whose message starts with one of `allowed` is left out, with its
+    source line. certsdf's own "[certsdf] warning: …" lines are not warnings of other packages."""
+    found: List[str] = []
+    lines = output.splitlines()
+    i = 0
+    while i < len(lines):
+        match = _PYTHON_WARNING.match(lines[i])
+        if match and match.group("message").startswith(tuple(allowed)):
+            i += 2 if i + 1 < len(lines) and lines[i + 1].startswith("  ") else 1
+            continue
+        if "Warning" in lines[i] or "warn(" in lines[i]:
+            found.append(lines[i])
+        i += 1
+    return found
 
 
 @dataclass

@@ -123,14 +123,27 @@ def _to_nerfstudio_format(blender: Path, out: Path) -> Path:
     return out
 
 
-def test_nerfstudio_format_is_detected_and_trains(tiny_scene: Path, tmp_path: Path) -> None:
-    data = _to_nerfstudio_format(tiny_scene, tmp_path / "ns_scene")
-    proc = run_cli([ns("ns-train"), "certsdf", "--data", data, "--output-dir", tmp_path / "out", *QUICK], timeout=600)
+@pytest.fixture(scope="module")
+def nerfstudio_format_run(tiny_scene: Path, tmp_path_factory):
+    """The tiny scene as a nerfstudio transforms.json, trained with Python's warnings on (the suite
+    otherwise runs with PYTHONWARNINGS=ignore) and an eval image rendered through nerfstudio's Cameras."""
+    root = tmp_path_factory.mktemp("ns_format")
+    data = _to_nerfstudio_format(tiny_scene, root / "ns_scene")
+    proc = run_cli(
+        [ns("ns-train"), "certsdf", "--data", data, "--output-dir", root / "out", *QUICK, "--steps-per-eval-image", "10"],
+        timeout=600,
+        env_extra={"PYTHONWARNINGS": "default"},
+    )  # fmt: skip
+    return proc, root / "out"
+
+
+def test_nerfstudio_format_is_detected_and_trains(nerfstudio_format_run) -> None:
+    proc, out = nerfstudio_format_run
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "nerfstudio format" in proc.stdout
     # the plugin's messages keep their "[certsdf]" prefix (rich would read it as a style tag)
     assert "[certsdf] colour field backend: " in proc.stdout
-    assert list((tmp_path / "out").rglob("*.ckpt"))
+    assert list(out.rglob("*.ckpt"))
 
 
 def test_missing_val_split_falls_back_to_test_with_one_warning(tiny_scene: Path, tmp_path: Path) -> None:
@@ -146,19 +159,17 @@ def test_missing_val_split_falls_back_to_test_with_one_warning(tiny_scene: Path,
     assert out.count("evaluating on the test split") == 1, out[-3000:]
 
 
-def test_console_hides_known_noise_but_not_other_warnings(tiny_scene: Path, tmp_path: Path) -> None:
-    """With Python's warnings on (the suite otherwise runs with PYTHONWARNINGS=ignore), ns-train
-    prints neither tyro's complaint about certsdf's dataparser config nor torch's indexing
-    deprecation from nerfstudio's cameras (rendered at the end of training), and still prints the
-    warnings that are not silenced."""
-    proc = run_cli(
-        [ns("ns-train"), "certsdf", "--data", tiny_scene, "--output-dir", tmp_path / "out", *QUICK,
-         "--steps-per-eval-image", "10"],  # an eval image renders through nerfstudio's Cameras
-        timeout=600,
-        env_extra={"PYTHONWARNINGS": "default"},
-    )
+def test_console_hides_known_noise_but_not_other_warnings(nerfstudio_format_run) -> None:
+    """With Python's warnings on, ns-train prints neither tyro's complaint about certsdf's dataparser
+    config nor torch's indexing deprecation from nerfstudio's cameras (rendered at the end of
+    training), nor what certsdf's own code used to cause (the GradScaler nerfstudio's trainer builds,
+    the unused DataLoader workers, float() of losses that require grad, torchmetrics' deprecated
+    import), and still prints the warnings that are not silenced."""
+    proc, _ = nerfstudio_format_run
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "does not match any type in Union" not in out
     assert "non-tuple sequence for multidimensional indexing" not in out
+    for cause in ("GradScaler", "This DataLoader will create", "requires_grad=True to a scalar", "from `torchmetrics.functional`"):
+        assert cause not in out, (cause, out[-3000:])
     assert "Warning" in out  # other warnings (e.g. nerfstudio's own deprecations) are not hidden

@@ -331,6 +331,7 @@ def test_train_viewer_in_browser(tiny_scene: Path, shots: Path):
             wait_until(lambda: "(schedule)" in browser.status(), STEP_S, "status back on the schedule", proc)
             browser.shot("6_reset")
             browser.close()
+        assert proc.listening_addresses() == {"127.0.0.1"}  # still no wildcard (0.0.0.0 / ::) listener, long after start-up
         assert "Traceback" not in proc.output()
     finally:
         proc.stop()

@@ -165,7 +165,7 @@ def heldout_metrics(pipeline, views: HeldOutViews, step: int) -> HeldOutMetrics:
     """Render every view through the method's own `model.get_outputs_for_camera` and compare its
     `rgb` with the ground truth: PSNR over the whole image, PSNR inside the mask, SSIM (torchmetrics,
     data range 1). The same function for every method."""
-    from torchmetrics.functional import structural_similarity_index_measure
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
     model = pipeline.model
     model.eval()

@@ -16,8 +16,10 @@ and gathers that key per ray like any other image-shaped entry; evaluation gets 
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Type
+from typing import Dict, Iterator, List, Optional, Type
 
 import numpy as np
 import torch
@@ -69,8 +71,27 @@ class CertSDFDataset(InputDataset):
         return {MASK_BATCH_KEY: mask}
 
 
+@contextmanager
+def _unused_workers_unannounced() -> Iterator[None]:
+    """nerfstudio builds its CacheDataloaders with 4 workers per device, and torch warns when the
+    machine allows fewer; but a CacheDataloader never starts them (its own ``__iter__`` serves
+    batches it loads with a thread pool sized to the machine). That one warning is hidden, by its
+    message, while the loaders are built."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"This DataLoader will create \d+ worker processes in total", UserWarning)
+        yield
+
+
 class CertSDFDataManager(VanillaDataManager[CertSDFDataset]):
     """VanillaDataManager over :class:`CertSDFDataset`."""
+
+    def setup_train(self) -> None:
+        with _unused_workers_unannounced():
+            super().setup_train()
+
+    def setup_eval(self) -> None:
+        with _unused_workers_unannounced():
+            super().setup_eval()
 
 
 @dataclass

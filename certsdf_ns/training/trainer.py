@@ -371,10 +371,12 @@ class CertSDFTrainer(Trainer):
         # step (a checkpoint save, added by save_checkpoint; a pause from the viewer, not counted).
         self._close_interval()
         self._mark = time.perf_counter()
-        out = super().train_iteration(step)
+        loss, loss_dict, metrics_dict = super().train_iteration(step)
         if self._budget is not None:
             self._after_budgeted_step(step)
-        return out
+        # nerfstudio logs these with float(); detached after the backward pass, torch does not warn
+        # about converting a tensor that requires grad.
+        return loss.detach(), {name: value.detach() for name, value in loss_dict.items()}, metrics_dict
 
     def _after_budgeted_step(self, step: int) -> None:
         """Plan after the warm-up, keep the progress display's ETA on the budget, stop in time."""
