@@ -26,14 +26,15 @@ step, so the parameters stay equal. What certsdf adds:
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nerfstudio.utils import comms
@@ -142,25 +143,25 @@ def _reporting_failures(launch: Callable, config: Any) -> Callable:
     def launch_reporting_failures(*args, **kwargs):
         try:
             return launch(*args, **kwargs)
-        except mp.ProcessException as err:
+        except ProcessException as err:
             sys.exit(report_failed_process(err, config))
 
     launch_reporting_failures._certsdf_reports_failures = True  # type: ignore[attr-defined]
     return launch_reporting_failures
 
 
-def report_failed_process(err: "mp.ProcessException", config: Any) -> int:
+def report_failed_process(err: ProcessException, config: Any) -> int:
     """Print what happened to the failed process and what is left; the exit status to end with."""
     machine = config.machine
     world = world_size_of(machine)
     rank = int(machine.machine_rank) * int(machine.num_devices) + int(err.error_index)
     who = f"training process {rank + 1} of {world} (rank {rank})"
     status = 1
-    if isinstance(err, mp.ProcessExitedException) and err.exit_code == 2:
+    if isinstance(err, ProcessExitedException) and err.exit_code == 2:
         what, status = f"{who} stopped on the error above", 2
-    elif isinstance(err, mp.ProcessExitedException) and err.signal_name:
+    elif isinstance(err, ProcessExitedException) and err.signal_name:
         what = f"{who} was killed by {err.signal_name}" + (" (out of memory?)" if err.signal_name == "SIGKILL" else "")
-    elif isinstance(err, mp.ProcessExitedException):
+    elif isinstance(err, ProcessExitedException):
         what = f"{who} exited with status {err.exit_code}"
     else:
         # ProcessRaisedException: its message is the process's own traceback, which nobody has seen yet.
@@ -221,7 +222,12 @@ def gather(obj: Any) -> List[Any]:
     return out
 
 
-def parameter_fingerprint(module: nn.Module) -> List[float]:
-    """One float64 sum per parameter: equal on every rank while DDP keeps the parameters equal."""
+def fingerprint(tensors: Sequence[torch.Tensor]) -> List[float]:
+    """One float64 sum per tensor: equal on every rank while the tensors are."""
     with torch.no_grad():
-        return [float(p.detach().double().sum()) for p in module.parameters()]
+        return [float(t.detach().double().sum()) for t in tensors]
+
+
+def same_fingerprint(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Equal up to the summation order of another GPU model (equal bits on identical hardware)."""
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) for x, y in zip(a, b))

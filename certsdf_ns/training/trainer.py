@@ -613,16 +613,20 @@ class CertSDFTrainer(Trainer):
 
     def _gather_ranks(self, step: int) -> Optional[List[Dict[str, Any]]]:
         """Every rank's RNG state for the checkpoint (None in one process), once rank 0 has checked that
-        all ranks are at this step with the same parameters: a checkpoint holds rank 0's model only."""
+        all ranks are at this step with the same parameters and the same cached node SDF (the grid the
+        certified sampler and the renders reuse until the logits change): a checkpoint holds rank 0's."""
         if not distributed.is_distributed():
             return None
-        mine = {"step": step, "parameters": distributed.parameter_fingerprint(self.pipeline.model), "rng": rng_state()}
+        model = self.pipeline.model
+        with torch.no_grad():
+            tensors = [*model.parameters(), model.field.geometry.sdf_grid()]
+        mine = {"step": step, "state": distributed.fingerprint(tensors), "rng": rng_state()}
         ranks = distributed.gather(mine)
         for rank, theirs in enumerate(ranks):
-            if theirs["step"] != step or theirs["parameters"] != ranks[0]["parameters"]:
+            if theirs["step"] != step or not distributed.same_fingerprint(theirs["state"], ranks[0]["state"]):
                 raise RuntimeError(
-                    f"rank {rank} is at step {theirs['step']} with parameters that differ from rank 0's at step {step}: "
-                    "the processes no longer train the same model, so no checkpoint is saved."
+                    f"rank {rank} is at step {theirs['step']} with parameters or SDF that differ from rank 0's at step "
+                    f"{step}: the processes no longer train the same model, so no checkpoint is saved."
                 )
         return [r["rng"] for r in ranks]
 
