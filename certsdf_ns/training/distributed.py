@@ -196,9 +196,15 @@ def is_distributed() -> bool:
 def wrap_model(model: nn.Module, device: str, local_rank: int) -> DDP:
     """The model in DistributedDataParallel, on CUDA or CPU (nerfstudio's own wrap passes
     `device_ids`, which DDP refuses for a CPU module). Unused parameters are allowed, as in
-    nerfstudio: a step whose rays give no sample enough weight runs no colour network."""
+    nerfstudio: a step whose rays give no sample enough weight runs no colour network.
+
+    Buffers are not re-broadcast before every forward (DDP's default): certsdf's are constants of
+    the config and the data (boxes, a corner table, and on real captures the region's R³ support
+    mask, 28 MB at 192³, which DDP would otherwise send at every step)."""
     on_cuda = torch.device(device).type == "cuda"
-    ddp = DDP(model, device_ids=[local_rank] if on_cuda else None, find_unused_parameters=True)
+    ddp = DDP(
+        model, device_ids=[local_rank] if on_cuda else None, find_unused_parameters=True, broadcast_buffers=False
+    )
     comms.synchronize()
     return ddp
 
