@@ -166,3 +166,26 @@ def test_cuda_processes_without_cuda_exit_2_before_spawning(tmp_path: Path, caps
         config.save_config()
     assert stopped.value.code == 2
     assert "has no CUDA device. Pass --machine.device-type cpu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "failure, status, expected",
+    [
+        (dict(exit_code=2), 2, "training process 2 of 4 (rank 1) stopped on the error above"),
+        (dict(exit_code=-9, signal_name="SIGKILL"), 1, "training process 2 of 4 (rank 1) was killed by SIGKILL (out of memory?)"),
+        (dict(exit_code=1), 1, "training process 2 of 4 (rank 1) exited with status 1"),
+    ],
+)
+def test_a_failed_process_is_reported_by_rank_with_its_exit_status(failure, status, expected, tmp_path, capsys) -> None:
+    """The parent's report for processes that ended without a Python traceback (bad input on a rank, which
+    printed its own message and exited 2; a kill): machine 0 of 2, two devices each."""
+    from nerfstudio.configs.method_configs import all_methods
+    from torch.multiprocessing.spawn import ProcessExitedException
+
+    config = copy.deepcopy(all_methods["certsdf"])
+    config.output_dir, config.timestamp = tmp_path, "r"
+    config.machine.num_devices, config.machine.num_machines = 2, 2
+    err = ProcessExitedException("process 1 terminated", error_index=1, error_pid=1234, **failure)
+    assert distributed.report_failed_process(err, config) == status
+    message = re.sub(r"\s+", " ", capsys.readouterr().err)
+    assert expected in message and f"continue with --load-dir {config.get_checkpoint_dir()}" in message
