@@ -131,6 +131,7 @@ def test_a_failed_rank_ends_the_run_with_a_message(scene: Path, tmp_path: Path, 
     err = capfd.readouterr().err
     assert "certsdf error: training process 2 of 2 (rank 1) failed: RuntimeError: " in err, err[-3000:]
     assert "fails at step 5" in err and "the other processes were stopped" in err
+    assert "The newest checkpoint, step-000000004.ckpt, is complete" in re.sub(r"\s+", " ", err)
     run = tmp_path / "ddp" / "certsdf" / "f"
     assert [p.name for p in _checkpoints(run)] == ["step-000000004.ckpt"]
     assert torch.load(_checkpoints(run)[0], map_location="cpu", weights_only=True)["step"] == 4
@@ -188,4 +189,10 @@ def test_a_failed_process_is_reported_by_rank_with_its_exit_status(failure, stat
     err = ProcessExitedException("process 1 terminated", error_index=1, error_pid=1234, **failure)
     assert distributed.report_failed_process(err, config) == status
     message = re.sub(r"\s+", " ", capsys.readouterr().err)
-    assert expected in message and f"continue with --load-dir {config.get_checkpoint_dir()}" in message
+    assert expected in message and "No checkpoint was saved." in message
+    config.get_checkpoint_dir().mkdir(parents=True)
+    (config.get_checkpoint_dir() / "step-000000007.ckpt").write_bytes(b"")
+    assert distributed.report_failed_process(err, config) == status
+    message = re.sub(r"\s+", " ", capsys.readouterr().err)
+    assert "The newest checkpoint, step-000000007.ckpt, is complete" in message
+    assert f"continue with --load-dir {config.get_checkpoint_dir()}" in message

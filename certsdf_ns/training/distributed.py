@@ -26,6 +26,7 @@ step, so the parameters stay equal. What certsdf adds:
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import os
 import sys
@@ -40,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nerfstudio.utils import comms
 
 from certsdf_ns.errors import ERROR_CONSOLE, CertSDFInputError
+from certsdf_ns.training.run_folder import checkpoints_in
 
 FAIL_ENV = "CERTSDF_TEST_FAIL_RANK"
 """Test hook: "RANK:STEP" makes the process of that global rank raise at the start of that step."""
@@ -100,7 +102,7 @@ def prepare_launch(config: Any) -> None:
     if config.machine.device_type == "cpu" and train._distributed_worker is not cpu_worker:
         train._distributed_worker = cpu_worker  # pickled by reference: the spawned processes import it from here
     if not getattr(train.launch, "_certsdf_reports_failures", False):
-        train.launch = _reporting_failures(train.launch, config)
+        train.launch = _reporting_failures(train.launch)
 
 
 def cpu_worker(
@@ -135,7 +137,7 @@ def cpu_worker(
     return output
 
 
-def _reporting_failures(launch: Callable, config: Any) -> Callable:
+def _reporting_failures(launch: Callable) -> Callable:
     """nerfstudio's ``launch``; when a training process fails, one message and exit status 2 (the
     process stopped on bad input and said why) or 1, instead of torch's ProcessException traceback."""
 
@@ -144,6 +146,7 @@ def _reporting_failures(launch: Callable, config: Any) -> Callable:
         try:
             return launch(*args, **kwargs)
         except ProcessException as err:
+            config = inspect.signature(launch).bind(*args, **kwargs).arguments["config"]
             sys.exit(report_failed_process(err, config))
 
     launch_reporting_failures._certsdf_reports_failures = True  # type: ignore[attr-defined]
@@ -169,10 +172,16 @@ def report_failed_process(err: ProcessException, config: Any) -> int:
         ERROR_CONSOLE.print(trace, markup=False, highlight=False, soft_wrap=True)
         last = trace.splitlines()[-1] if trace else type(err).__name__
         what = f"{who} failed: {last}"
-    checkpoints = config.get_checkpoint_dir()
+    folder = config.get_checkpoint_dir()
+    saved = checkpoints_in(folder)
+    left = (
+        f"The newest checkpoint, {saved[-1].name}, is complete (checkpoints are written whole); continue with "
+        f"--load-dir {folder}."
+        if saved
+        else "No checkpoint was saved."
+    )
     ERROR_CONSOLE.print(
-        f"[bold red]certsdf error:[/bold red] {what}; the other processes were stopped. Checkpoints in "
-        f"{checkpoints} are complete (saved by rank 0); continue with --load-dir {checkpoints}.",
+        f"[bold red]certsdf error:[/bold red] {what}; the other processes were stopped. {left}",
         soft_wrap=True,
         highlight=False,
     )
