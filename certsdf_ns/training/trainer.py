@@ -341,8 +341,13 @@ class CertSDFTrainer(Trainer):
         with exit_cleanly():
             available = None
             if config.check_memory:
+                # This process's GPU, or its share of the machine's memory (every process holds a whole model).
                 on_cuda = config.machine.device_type == "cuda" and torch.cuda.is_available()
-                available = torch.cuda.mem_get_info()[0] if on_cuda else psutil.virtual_memory().available
+                available = (
+                    torch.cuda.mem_get_info(local_rank)[0]
+                    if on_cuda
+                    else psutil.virtual_memory().available // comms.get_local_size()
+                )
             for note in check_model_config(config.pipeline.model, available):
                 warn(note)
         super().__init__(config, local_rank, world_size)
@@ -423,7 +428,10 @@ class CertSDFTrainer(Trainer):
             return ranks[rank]
         if world > 1 and state.get(RNG_KEY) is not None and rank == 0:
             saved = len(ranks) if ranks is not None else 1
-            warn(f"the checkpoint was saved by {saved} process(es), this run has {world}: ranks 1..{world - 1} draw other rays than an uninterrupted run.")
+            warn(
+                f"the checkpoint was saved by {saved} process(es), this run has {world}: ranks 1..{world - 1} "
+                "draw other rays than an uninterrupted run."
+            )
         return state.get(RNG_KEY) if rank == 0 else None
 
     # -- the budget -------------------------------------------------------------------------
