@@ -295,6 +295,11 @@ class CertSDFModel(Model):
         return self._smoothing_override != (None, None)
 
     @property
+    def smoothing_override(self) -> Tuple[Optional[float], Optional[float]]:
+        """(σ, s) in voxels set by :meth:`set_smoothing`; None where the schedule decides."""
+        return self._smoothing_override
+
+    @property
     def step(self) -> Optional[int]:
         """The training step σ and s were last scheduled for (None before any schedule ran)."""
         return self._step

@@ -33,6 +33,11 @@ What it changes, and why:
 - **Full disks.** Free space is checked against the checkpoint's size before each save; a
   save that fails for lack of space removes its partial file, keeps the previous checkpoint
   and exits 2 naming the folder and the space needed.
+- **Several processes** (`--machine.num-devices N`, see `distributed.py`). Rank 0 alone writes
+  config.yml, checkpoints and logs, prunes, and decides the budget's plan and stop step, which
+  it hands to every rank (the all-reduce hangs unless all run the same steps). A checkpoint
+  holds every rank's RNG state, so a resumed run draws the rays each rank would have drawn,
+  and the single-process key layout, so every loader reads it as any other.
 """
 
 from __future__ import annotations
@@ -50,12 +55,12 @@ import psutil
 import torch
 
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
-from nerfstudio.utils import writer
-from nerfstudio.utils.decorators import check_main_thread
+from nerfstudio.utils import comms, writer
 from nerfstudio.utils.misc import step_check
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from certsdf_ns.console import log, warn
+from certsdf_ns.training import distributed
 from certsdf_ns.training.budget import HOLDING, SchedulePlan, format_minutes, planned_total_steps
 from certsdf_ns.training.optim import fit_scheduler_to_plan
 from certsdf_ns.errors import CertSDFInputError, exit_cleanly
@@ -76,6 +81,8 @@ from certsdf_ns.training.run_folder import (
 
 PARTIAL_SUFFIX = ".partial"
 RNG_KEY = "certsdf_rng"
+RANK_RNG_KEY = "certsdf_rng_ranks"
+"""RNG states of every rank of a run in several processes, in rank order (RNG_KEY holds rank 0's)."""
 SECONDS_KEY = "certsdf_train_seconds"
 PLAN_KEY = "certsdf_schedule_plan"
 DEFAULT_MAX_STEPS = 30_000
@@ -138,9 +145,21 @@ class CertSDFTrainerConfig(TrainerConfig):
             claim_run_folder(self.get_base_dir(), self.get_checkpoint_dir(), self.load_dir, self.load_checkpoint)
 
     def save_config(self) -> None:
-        """ns-train calls this before the trainer exists: only check the run folder here.
-        config.yml is written by :meth:`write_config` once the trainer is set up."""
+        """ns-train calls this before the trainer exists, just before it launches the training
+        process(es): only check the run folder and the machine settings here (and set up a run in
+        several processes, `distributed.prepare_launch`). config.yml is written by
+        :meth:`write_config` once the trainer is set up."""
         self.claim_run_folder()
+        with exit_cleanly():
+            distributed.prepare_launch(self)
+
+    def is_viewer_enabled(self) -> bool:
+        """nerfstudio's, in rank 0 only: nerfstudio starts a viewer in local rank 0, i.e. on every
+        machine of a multi-machine run, where nothing would ever update it."""
+        return super().is_viewer_enabled() and comms.is_main_process()
+
+    def is_viewer_legacy_enabled(self) -> bool:
+        return super().is_viewer_legacy_enabled() and comms.is_main_process()
 
     def write_config(self) -> None:
         """nerfstudio's save_config: config.yml in the run folder."""
@@ -148,14 +167,18 @@ class CertSDFTrainerConfig(TrainerConfig):
 
 
 def rng_state() -> Dict[str, Any]:
-    """Global RNG states in types that `torch.load(weights_only=True)` accepts (no numpy objects)."""
+    """Global RNG states in types that `torch.load(weights_only=True)` accepts (no numpy objects).
+    In a run over several processes, each on its own GPU, only that GPU's ("cuda_device"): asking
+    for all of them would open a CUDA context on every GPU in every process."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     state: Dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": (torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
         "python": random.getstate(),
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and distributed.is_distributed():
+        state["cuda_device"] = torch.cuda.get_rng_state()
+    elif torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -168,6 +191,8 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_device" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_device"])
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -228,6 +253,13 @@ def newest_complete_checkpoint(folder: Path) -> Tuple[Path, Dict[str, Any]]:
     raise CertSDFInputError(f"--load-dir {folder} holds no complete step-XXXXXXXXX.ckpt checkpoint{detail}.")
 
 
+def single_process_state_dict(pipeline: torch.nn.Module) -> Dict[str, Any]:
+    """The pipeline's state dict with the keys of a run in one process: DDP puts its model under
+    `_model.module.`; nerfstudio's loader strips that, certsdf's readers expect `_model.`."""
+    ddp = "_model.module."
+    return {("_model." + k[len(ddp) :] if k.startswith(ddp) else k): v for k, v in pipeline.state_dict().items()}
+
+
 def load_checkpoint_file(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise CertSDFInputError(f"checkpoint {path} does not exist.")
@@ -243,16 +275,23 @@ class CertSDFTrainer(Trainer):
     config: CertSDFTrainerConfig
 
     def __init__(self, config: CertSDFTrainerConfig, local_rank: int = 0, world_size: int = 1) -> None:
-        if local_rank == 0:
+        if comms.is_main_process():
             config.claim_run_folder()  # again, for callers that skip ns-train's save_config
         with exit_cleanly():
             available = None
             if config.check_memory:
+                # This process's GPU, or its share of the machine's memory (every process holds a whole model).
                 on_cuda = config.machine.device_type == "cuda" and torch.cuda.is_available()
-                available = torch.cuda.mem_get_info()[0] if on_cuda else psutil.virtual_memory().available
+                available = (
+                    torch.cuda.mem_get_info(local_rank)[0]
+                    if on_cuda
+                    else psutil.virtual_memory().available // comms.get_local_size()
+                )
             for note in check_model_config(config.pipeline.model, available):
                 warn(note)
         super().__init__(config, local_rank, world_size)
+        if world_size > 1 and self.device.startswith("cuda"):
+            torch.cuda.set_device(self.device)  # collectives of Python objects run on the current device
         self._resume_rng: Optional[Dict[str, Any]] = None
         budget = config.budget_minutes()
         self._budget: Optional[float] = None if budget is None else 60.0 * budget
@@ -282,7 +321,7 @@ class CertSDFTrainer(Trainer):
         super().setup(test_mode=test_mode)  # loads the checkpoint to resume from, if any
         if self._plan is not None or self._budget is not None:
             self._apply_plan(self._plan or HOLDING)  # before config.yml records the anneal
-        if self.local_rank == 0:
+        if comms.is_main_process():
             # Only now: the backend is resolved, and the run got past its data and checkpoint checks.
             self.config.write_config()
             self._warn_if_low_space(self._expected_checkpoint_bytes())
@@ -315,12 +354,27 @@ class CertSDFTrainer(Trainer):
         if "schedulers" in state and self.config.load_scheduler:
             self.optimizers.load_schedulers(state["schedulers"])
         self.grad_scaler.load_state_dict(state["scalers"])
-        self._resume_rng = state.get(RNG_KEY)
+        self._resume_rng = self._rng_of_this_rank(state)
         self._train_seconds = float(state.get(SECONDS_KEY, 0.0))
         self._plan = SchedulePlan.from_dict(state.get(PLAN_KEY))
-        if self._resume_rng is None:
+        if state.get(RNG_KEY) is None:
             warn(f"{path} has no RNG state; resumed steps draw different rays.")
         CONSOLE.print(f"Done loading Nerfstudio checkpoint from {path}")
+
+    def _rng_of_this_rank(self, state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """The RNG state this process resumes with: its rank's when the checkpoint's run had as many
+        processes, else rank 0's for rank 0 and none (the seeded stream) for the others."""
+        rank, world = comms.get_rank(), comms.get_world_size()
+        ranks = state.get(RANK_RNG_KEY)
+        if world > 1 and ranks is not None and len(ranks) == world:
+            return ranks[rank]
+        if world > 1 and state.get(RNG_KEY) is not None and rank == 0:
+            saved = len(ranks) if ranks is not None else 1
+            warn(
+                f"the checkpoint was saved by {saved} process(es), this run has {world}: ranks 1..{world - 1} "
+                "draw other rays than an uninterrupted run."
+            )
+        return state.get(RNG_KEY) if rank == 0 else None
 
     # -- the budget -------------------------------------------------------------------------
     def train_seconds(self) -> float:
@@ -329,7 +383,7 @@ class CertSDFTrainer(Trainer):
 
     def train(self) -> None:
         self._first_step, self._seconds_at_start = self._start_step, self._train_seconds
-        if self.local_rank == 0:
+        if comms.is_main_process():
             log(self.plan_message())
         super().train()
 
@@ -371,6 +425,7 @@ class CertSDFTrainer(Trainer):
         # step (a checkpoint save, added by save_checkpoint; a pause from the viewer, not counted).
         self._close_interval()
         self._mark = time.perf_counter()
+        distributed.fail_if_asked(step)
         loss, loss_dict, metrics_dict = super().train_iteration(step)
         if self._budget is not None:
             self._after_budgeted_step(step)
@@ -379,24 +434,20 @@ class CertSDFTrainer(Trainer):
         return loss.detach(), {name: value.detach() for name, value in loss_dict.items()}, metrics_dict
 
     def _after_budgeted_step(self, step: int) -> None:
-        """Plan after the warm-up, keep the progress display's ETA on the budget, stop in time."""
+        """Plan after the warm-up, keep the progress display's ETA on the budget, stop in time.
+        In several processes rank 0's clock decides the plan and the stop, for every rank."""
         assert self._budget is not None
         spent, done = self.train_seconds(), step - self._first_step + 1
         start, end = self.budget_timing_window()
         if done == start:
             self._warm_reference = (step, spent)
+        planned: Optional[int] = None
+        per_step = 0.0
         if self._plan is None and done >= end:
             ref_step, ref_spent = self._warm_reference or (self._first_step - 1, self._seconds_at_start)
             per_step = (spent - ref_spent) / max(step - ref_step, 1)
-            end = self._start_step + self.config.max_num_iterations
-            self._plan = SchedulePlan(step + 1, planned_total_steps(step + 1, spent, per_step, self._budget, end))
-            self._apply_plan(self._plan)
-            if self.local_rank == 0:
-                self.config.write_config()  # config.yml records the anneal this run uses
-                log(
-                    f"budget plan: {per_step:.2f} s per step, so schedules fitted to steps "
-                    f"{self._plan.hold_steps}..{self._plan.total_steps}."
-                )
+            last = self._start_step + self.config.max_num_iterations
+            planned = planned_total_steps(step + 1, spent, per_step, self._budget, last)
         if done == 1:
             self._seconds_after_first = spent
         # The next step's cost is the mean of this process's steps after its first: the first carries
@@ -405,7 +456,18 @@ class CertSDFTrainer(Trainer):
         per_step_here = (spent - self._seconds_after_first) / (done - 1) if done > 1 else 0.0
         left = self._budget - spent
         self._show_budget_eta(step, left)
-        if left <= 0.0 or left < per_step_here:  # the next step would not fit
+        stop = left <= 0.0 or left < per_step_here  # the next step would not fit
+        planned_0, stop_0 = distributed.from_rank_zero((planned, float(stop)), self.device)
+        if planned_0 is not None:
+            self._plan = SchedulePlan(step + 1, int(planned_0))
+            self._apply_plan(self._plan)
+            if comms.is_main_process():
+                self.config.write_config()  # config.yml records the anneal this run uses
+                log(
+                    f"budget plan: {per_step:.2f} s per step, so schedules fitted to steps "
+                    f"{self._plan.hold_steps}..{self._plan.total_steps}."
+                )
+        if stop_0:
             self._stopped_at, self._stop_seconds = step, spent
             self.stop_training = True
 
@@ -506,10 +568,13 @@ class CertSDFTrainer(Trainer):
             # nerfstudio's loop has already moved self.step to the next, untrained step.
             self.step = self._stopped_at
             after = self.train_seconds() - self._stop_seconds
-            log(
-                f"time budget reached after step {self._stopped_at} ({format_minutes(self._stop_seconds)} of "
-                f"training; the evaluation at the end took {after:.0f} s more)."
-            )
+            if comms.is_main_process():
+                log(
+                    f"time budget reached after step {self._stopped_at} ({format_minutes(self._stop_seconds)} of "
+                    f"training; the evaluation at the end took {after:.0f} s more)."
+                )
+        if distributed.is_distributed():
+            log(f"process {comms.get_rank() + 1} of {comms.get_world_size()}: trained to step {self.step}.")
         super()._after_train()  # the final checkpoint; with the viewer open, _train_complete_viewer waits
         self._print_result()
 
@@ -518,7 +583,7 @@ class CertSDFTrainer(Trainer):
         super()._train_complete_viewer()
 
     def _print_result(self) -> None:
-        if self.local_rank == 0 and not self._result_printed:
+        if comms.is_main_process() and not self._result_printed:
             self._result_printed = True
             log(self.result_line())
 
@@ -534,23 +599,44 @@ class CertSDFTrainer(Trainer):
         if note is not None:
             warn(note)
 
-    @check_main_thread
     def save_checkpoint(self, step: int) -> None:
+        """Every rank calls this at the same steps (nerfstudio's loop); rank 0 alone writes."""
         started, counting = time.perf_counter(), self._mark is None
-        self._save_checkpoint(step)
+        ranks_rng = self._gather_ranks(step)
+        if not comms.is_main_process():
+            return
+        self._save_checkpoint(step, ranks_rng)
         if counting:  # a save between steps counts as training time (inside an open interval it already does)
             self._train_seconds += time.perf_counter() - started
 
-    def _save_checkpoint(self, step: int) -> None:
+    def _gather_ranks(self, step: int) -> Optional[List[Dict[str, Any]]]:
+        """Every rank's RNG state for the checkpoint (None in one process), once rank 0 has checked that
+        all ranks are at this step with the same parameters and the same cached node SDF (the grid the
+        certified sampler and the renders reuse until the logits change): a checkpoint holds rank 0's."""
+        if not distributed.is_distributed():
+            return None
+        model = self.pipeline.model
+        with torch.no_grad():
+            tensors = [*model.parameters(), model.field.geometry.sdf_grid()]
+        mine = {"step": step, "state": distributed.fingerprint(tensors), "rng": rng_state()}
+        ranks = distributed.gather(mine)
+        for rank, theirs in enumerate(ranks):
+            if theirs["step"] != step or not distributed.same_fingerprint(theirs["state"], ranks[0]["state"]):
+                raise RuntimeError(
+                    f"rank {rank} is at step {theirs['step']} with parameters or SDF that differ from rank 0's at step "
+                    f"{step}: the processes no longer train the same model, so no checkpoint is saved."
+                )
+        return [r["rng"] for r in ranks]
+
+    def _save_checkpoint(self, step: int, ranks_rng: Optional[List[Dict[str, Any]]] = None) -> None:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         ckpt_path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
         if ckpt_path.exists() and ckpt_path not in self._written:
             with exit_cleanly():  # the run-folder checks make this unreachable; the guard keeps it so
                 raise CertSDFInputError(f"refusing to overwrite {ckpt_path}, which this run did not write.")
-        pipeline = self.pipeline.module if hasattr(self.pipeline, "module") else self.pipeline  # DDP
         state = {
             "step": step,
-            "pipeline": pipeline.state_dict(),  # type: ignore[union-attr]
+            "pipeline": single_process_state_dict(self.pipeline),
             "optimizers": {k: v.state_dict() for (k, v) in self.optimizers.optimizers.items()},
             "schedulers": {k: v.state_dict() for (k, v) in self.optimizers.schedulers.items()},
             "scalers": self.grad_scaler.state_dict(),
@@ -559,6 +645,8 @@ class CertSDFTrainer(Trainer):
         }
         if self._plan is not None:
             state[PLAN_KEY] = self._plan.as_dict()
+        if ranks_rng is not None:
+            state[RANK_RNG_KEY] = ranks_rng
         need = tensor_bytes(state) + SAVE_OVERHEAD_BYTES
         self._warn_if_low_space(need)
         try:
