@@ -18,6 +18,7 @@ import torch
 import tyro
 
 from conftest import ns, run_cli
+from hooks.sitecustomize import FAIL_RANK_ENV, fault_env
 
 from certsdf_ns.errors import CertSDFInputError
 from certsdf_ns.training import distributed
@@ -121,7 +122,8 @@ def test_resumed_run_continues_and_a_budget_stops_both_ranks_at_one_step(run_a, 
 def test_a_failed_rank_ends_the_run_with_a_message(scene: Path, tmp_path: Path, capfd, monkeypatch) -> None:
     """Rank 1 raises at step 5: the launcher stops rank 0 (blocked in the gradient all-reduce), says
     which process failed and why, and the checkpoint saved at step 4 is complete."""
-    monkeypatch.setenv(distributed.FAIL_ENV, "1:5")
+    for key, value in fault_env({FAIL_RANK_ENV: "1:5"}).items():  # the spawned processes inherit it
+        monkeypatch.setenv(key, value)
     with pytest.raises(SystemExit) as stopped:
         _main(
             "--data", scene, "--output-dir", tmp_path, "--experiment-name", "ddp", "--timestamp", "f",

@@ -43,9 +43,6 @@ from nerfstudio.utils import comms
 from certsdf_ns.errors import ERROR_CONSOLE, CertSDFInputError
 from certsdf_ns.training.run_folder import checkpoints_in
 
-FAIL_ENV = "CERTSDF_TEST_FAIL_RANK"
-"""Test hook: "RANK:STEP" makes the process of that global rank raise at the start of that step."""
-
 
 def world_size_of(machine: Any) -> int:
     """Processes a MachineConfig asks for: devices per machine × machines."""
@@ -186,13 +183,6 @@ def report_failed_process(err: ProcessException, config: Any) -> int:
         highlight=False,
     )
     return status
-
-
-def fail_if_asked(step: int) -> None:
-    """The FAIL_ENV test hook."""
-    asked = os.environ.get(FAIL_ENV, "")
-    if asked and comms.get_rank() == int(asked.split(":")[0]) and step == int(asked.split(":")[1]):
-        raise RuntimeError(f"{FAIL_ENV}: rank {comms.get_rank()} fails at step {step}")
 
 
 # --------------------------------------------------------------------------- inside the processes

@@ -425,7 +425,6 @@ class CertSDFTrainer(Trainer):
         # step (a checkpoint save, added by save_checkpoint; a pause from the viewer, not counted).
         self._close_interval()
         self._mark = time.perf_counter()
-        distributed.fail_if_asked(step)
         loss, loss_dict, metrics_dict = super().train_iteration(step)
         if self._budget is not None:
             self._after_budgeted_step(step)

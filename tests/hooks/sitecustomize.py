@@ -7,10 +7,13 @@ carries no test hooks. Each fault is asked for through an environment variable:
 - ``CERTSDF_TEST_PAUSE_IN_SAVE=STEP:MARKER``: the save of checkpoint STEP pauses after its first
   64 KiB are on disk and touches MARKER, so a test can SIGKILL the process mid-write;
 - ``CERTSDF_TEST_DISK_FULL_IN_SAVE=STEP``: the save of checkpoint STEP fails with ENOSPC after its
-  first 64 KiB, as a full disk does (torch.save then raises its "unexpected pos" RuntimeError).
+  first 64 KiB, as a full disk does (torch.save then raises its "unexpected pos" RuntimeError);
+- ``CERTSDF_TEST_FAIL_RANK=RANK:STEP``: in a run over several processes, the process of that global
+  rank raises at the start of that step (the processes the launcher spawns inherit the environment).
 
 Nothing is imported until the process itself imports `certsdf_ns.training.trainer`; then its
-`atomic_torch_save` is wrapped so that torch.save writes through the faulty file for that step.
+`atomic_torch_save` is wrapped so that torch.save writes through the faulty file for that step, and
+its trainer's `train_iteration` so that the chosen rank fails.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Dict, Optional
 
 PAUSE_ENV = "CERTSDF_TEST_PAUSE_IN_SAVE"
 DISK_FULL_ENV = "CERTSDF_TEST_DISK_FULL_IN_SAVE"
+FAIL_RANK_ENV = "CERTSDF_TEST_FAIL_RANK"
 HOOKS_DIR = Path(__file__).resolve().parent
 TRAINER = "certsdf_ns.training.trainer"
 CHUNK = 65536
@@ -104,6 +108,21 @@ def _wrap_saves(trainer) -> None:
     trainer.atomic_torch_save = atomic_torch_save
 
 
+def _fail_rank(trainer) -> None:
+    """Make the trainer of the rank FAIL_RANK_ENV names raise at the start of its step."""
+    rank, at = (int(v) for v in os.environ[FAIL_RANK_ENV].split(":"))
+    original = trainer.CertSDFTrainer.train_iteration
+
+    def train_iteration(self, step: int):
+        from nerfstudio.utils import comms
+
+        if comms.get_rank() == rank and step == at:
+            raise RuntimeError(f"{FAIL_RANK_ENV}: rank {rank} fails at step {step}")
+        return original(self, step)
+
+    trainer.CertSDFTrainer.train_iteration = train_iteration
+
+
 class _WrapAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Finds the trainer module as usual, executes it with its own loader, then wraps its saves."""
 
@@ -128,8 +147,11 @@ class _WrapAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         self._loader.exec_module(module)
-        _wrap_saves(module)
+        if os.environ.get(PAUSE_ENV) or os.environ.get(DISK_FULL_ENV):
+            _wrap_saves(module)
+        if os.environ.get(FAIL_RANK_ENV):
+            _fail_rank(module)
 
 
-if os.environ.get(PAUSE_ENV) or os.environ.get(DISK_FULL_ENV):
+if os.environ.get(PAUSE_ENV) or os.environ.get(DISK_FULL_ENV) or os.environ.get(FAIL_RANK_ENV):
     sys.meta_path.insert(0, _WrapAfterImport())
