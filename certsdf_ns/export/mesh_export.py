@@ -53,8 +53,8 @@ from rich.table import Table
 from certsdf_ns.console import CONSOLE, silence_known_noise
 from certsdf_ns.certified import CertifiedSDFGrid
 from certsdf_ns.errors import CertSDFInputError
-from certsdf_ns.export.mesh import NoSurfaceError, check_lattice_args, extract_mesh, lattice_counts
-from certsdf_ns.export.observed import ObservedSpace, observed_geometry, pipeline_observed_space, removal_of
+from certsdf_ns.export.mesh import NoSurfaceError, check_lattice_args, lattice_counts
+from certsdf_ns.export.observed import ObservedSpace, export_mesh
 from certsdf_ns.export.query import CertifiedSDF
 from certsdf_ns.output_paths import OutputLocationError, check_writable_dir
 from certsdf_ns.export.run import load_run, read_run_config
@@ -185,28 +185,13 @@ def export(cfg: MeshExportConfig) -> dict:
     timings["load"] = time.perf_counter() - t0
 
     real = run.model.region is not None  # a real capture: the grid covers the region the cameras look at
-    restrict = real and not cfg.keep_unobserved
-    space, removal, geometry = None, None, field.geometry
-    if restrict or cfg.sdf_grid:
-        t0 = time.perf_counter()
-        space = pipeline_observed_space(run.pipeline)
-        timings["observed space"] = time.perf_counter() - t0
-
     t0 = time.perf_counter()
-    if restrict:
-        assert space is not None
-        full = extract_mesh(field.geometry, cfg.resolution, cfg.upsample)
-        geometry = observed_geometry(field.geometry, space)
-    try:
-        mesh = extract_mesh(geometry, cfg.resolution, cfg.upsample)
-    except NoSurfaceError as exc:
-        raise NoSurfaceError(f"{exc} (in observed space; --keep-unobserved meshes the full zero set)" if restrict else str(exc)) from exc
-    if restrict:
-        removal = removal_of(full, mesh, space, run.model.region)
-    timings["marching cubes"] = time.perf_counter() - t0
+    made = export_mesh(run.pipeline, cfg.resolution, cfg.upsample, cfg.keep_unobserved, need_space=cfg.sdf_grid)
+    mesh, space, removal = made.mesh, made.space, made.removal
+    timings["observed space and marching cubes" if space is not None else "marching cubes"] = time.perf_counter() - t0
     if cfg.vertex_colours:
         t0 = time.perf_counter()
-        rgb = vertex_colours(field, mesh, geometry)
+        rgb = vertex_colours(field, mesh, made.geometry)
         mesh.visual.vertex_colors = np.concatenate([rgb * 255.0, np.full((len(rgb), 1), 255.0)], 1).round().astype(np.uint8)
         timings["colours"] = time.perf_counter() - t0
     frame = "nerfstudio world frame"
@@ -237,7 +222,7 @@ def export(cfg: MeshExportConfig) -> dict:
         "frame": frame,
         "observed": None if space is None else space.fractions(field.geometry.support),
         "observed_of": "the region's nodes" if real else "the grid's nodes",
-        "mesh": "observed space" if restrict else ("full zero set (--keep-unobserved)" if real else "full zero set"),
+        "mesh": "observed space" if removal is not None else ("full zero set (--keep-unobserved)" if real else "full zero set"),
         "removed": None if removal is None else asdict(removal),
         "removed_rows": [] if removal is None else removal.rows(),
         "outputs": [str(p) for p in paths],

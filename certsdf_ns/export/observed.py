@@ -269,6 +269,10 @@ def _coarse_to_fine(shape: Tuple[int, int, int], classify, points: Tensor, candi
         out |= near > 0.5
         same = (hi == lo)[index[0][:, None, None], index[1][None, :, None], index[2][None, None, :]]
         agree &= same
+    # With an even node count the last plane has no coarse node beyond it to agree with: always exact.
+    for axis, n in enumerate(shape):
+        if n % 2 == 0:
+            agree.narrow(axis, n - 1, 1).fill_(False)
     redo = torch.nonzero((~agree).reshape(-1) & known.reshape(-1))[:, 0]
     if len(redo):
         f_seen, f_reach = classify(points[redo])
@@ -399,6 +403,43 @@ def removal_of(full: trimesh.Trimesh, mesh: trimesh.Trimesh, space: ObservedSpac
     n_pieces, largest = piece_shares(mesh)
     return MeshRemoval(int(unobserved.sum()), float(area[unobserved].sum() / area.sum()), pieces,
                        shell_fraction(full, region), shell_fraction(mesh, region), n_pieces, largest)  # fmt: skip
+
+
+@dataclass
+class ExportMesh:
+    """The mesh `certsdf-export` writes (model frame), and where it came from."""
+
+    mesh: trimesh.Trimesh
+    geometry: CertifiedSDFGrid
+    """The grid it is the zero set of: the model's, or its restriction to observed space."""
+    space: Optional[ObservedSpace]
+    """The observed space (when it was computed)."""
+    removal: Optional[MeshRemoval]
+    """What the restriction removed (None: the full zero set was meshed)."""
+
+
+def export_mesh(pipeline, resolution: int = 256, upsample: int = 1, keep_unobserved: bool = False,
+                need_space: bool = False) -> ExportMesh:  # fmt: skip
+    """The mesh of a loaded certsdf pipeline that `certsdf-export` writes, in the model's frame: on a real capture
+    (a region) the zero set of :func:`observed_geometry`, unless `keep_unobserved`; else the full zero set.
+    `need_space` computes the observed space even when the mesh does not use it (for the npz). NoSurfaceError
+    when nothing is left."""
+    from certsdf_ns.export.mesh import NoSurfaceError, extract_mesh
+
+    model = pipeline.model
+    geometry = model.field.geometry
+    restrict = model.region is not None and not keep_unobserved
+    space = pipeline_observed_space(pipeline) if (restrict or need_space) else None
+    if not restrict:
+        return ExportMesh(extract_mesh(geometry, resolution, upsample), geometry, space, None)
+    assert space is not None
+    full = extract_mesh(geometry, resolution, upsample)
+    restricted = observed_geometry(geometry, space)
+    try:
+        mesh = extract_mesh(restricted, resolution, upsample)
+    except NoSurfaceError as exc:
+        raise NoSurfaceError(f"{exc} (in observed space; --keep-unobserved meshes the full zero set)") from exc
+    return ExportMesh(mesh, restricted, space, removal_of(full, mesh, space, model.region))
 
 
 def piece_shares(mesh: trimesh.Trimesh) -> Tuple[int, float]:
