@@ -84,7 +84,7 @@ def test_seen_hidden_and_unseen_nodes_of_a_ball_seen_from_one_side() -> None:
     """A ball of radius 0.3 seen from +z: free space in front of it is seen, its inside within `depth` of the
     front surface is hidden, deeper space and space outside the frustum are unseen."""
     grid = ball_grid()
-    space = observed_space(grid, camera(), depth=0.4, scale=1.0)
+    space = observed_space(grid, camera(), depth=0.4)
     state = lambda *p: ("seen" if space.seen[node(grid, *p)] else "hidden" if space.hidden[node(grid, *p)] else "unseen")  # noqa: E731
     assert state(0.0, 0.0, 0.6) == "seen"  # between the camera and the ball
     assert state(0.0, 0.0, 0.3) == "seen"  # the front surface itself (within a voxel)
@@ -106,7 +106,7 @@ def test_seen_hidden_and_unseen_nodes_of_a_ball_seen_from_one_side() -> None:
     assert bool(space.hidden[core & (behind > 2 * VOXEL) & (behind < 0.4 - 2 * VOXEL)].all())
     assert not bool(space.observed[core & (behind > 0.4 + 2 * VOXEL)].any())
     # With unlimited depth, everything in the frustum is observed and nothing is traced.
-    everything = observed_space(grid, camera(), depth=math.inf, scale=1.0)
+    everything = observed_space(grid, camera(), depth=math.inf)
     assert bool(everything.observed[node(grid, 0.0, 0.0, -0.9)]) and not bool(everything.observed[node(grid, 0.95, 0.0, 0.95)])
 
 
@@ -117,11 +117,11 @@ def test_object_masks_free_their_background_rays_and_sampling_masks_hide_exclude
     left = np.zeros((32, 32), np.uint8)
     left[:, :16] = 255  # the left half of the image (x < 0)
     Image.fromarray(left).save(tmp_path / "mask.png")
-    as_object = observed_space(grid, camera(), depth=0.4, mask_files=[tmp_path / "mask.png"], object_masks=True, scale=1.0)
+    as_object = observed_space(grid, camera(), depth=0.4, mask_files=[tmp_path / "mask.png"], object_masks=True)
     behind_right, behind_left = node(grid, 0.1, 0.0, -0.5), node(grid, -0.1, 0.0, -0.5)
     assert bool(as_object.seen[behind_right])  # a background pixel: free all along
     assert not bool(as_object.observed[behind_left])  # the object's pixel: the ball hides it
-    as_sampling = observed_space(grid, camera(), depth=0.4, mask_files=[tmp_path / "mask.png"], object_masks=False, scale=1.0)
+    as_sampling = observed_space(grid, camera(), depth=0.4, mask_files=[tmp_path / "mask.png"], object_masks=False)
     assert not bool(as_sampling.observed[node(grid, 0.5, 0.0, 0.5)])  # excluded pixel: unknown
     assert bool(as_sampling.seen[node(grid, -0.5, 0.0, 0.5)])
 
@@ -129,7 +129,7 @@ def test_object_masks_free_their_background_rays_and_sampling_masks_hide_exclude
 def test_a_region_support_leaves_everything_outside_it_unobserved() -> None:
     grid = CertifiedSDFGrid(R, AABB, sigma=1.5 * VOXEL, support_sphere=((0.0, 0.0, 0.0), 0.8))
     grid.set_occupancy((grid.grid_points().norm(dim=-1) <= 0.3).float())
-    space = observed_space(grid, camera(), depth=0.4, scale=1.0)
+    space = observed_space(grid, camera(), depth=0.4)
     outside = grid.support == 0
     assert bool(outside.any()) and not bool(space.observed[outside].any())
     assert bool(space.seen[node(grid, 0.0, 0.0, 0.6)])
@@ -146,7 +146,7 @@ def test_coarse_to_fine_classification_equals_the_node_by_node_one() -> None:
     occ[(points[..., 0] - 0.5).abs() < 0.05] = 1.0  # a wall one voxel thick behind which everything is hidden
     grid.set_occupancy(occ)
     cams = camera()
-    space = observed_space(grid, cams, depth=0.3, scale=1.0)
+    space = observed_space(grid, cams, depth=0.3)
     views = [module._View(module._camera_arrays(cams), module._corner_radius2(cams),
                           module.depth_maps(module.SurfaceTracer.of(grid), [cams], [None])[0], None)]  # fmt: skip
     seen, reach = module._classify(points.reshape(-1, 3), views, 0.3, float(grid.voxel_size.min()))
@@ -169,7 +169,7 @@ def test_the_grid_restricted_to_observed_space_is_a_voxel_classifier_and_meshes_
     slab = (points[..., :2].abs().max(dim=-1).values < 0.2) & (points[..., 2] > -0.85) & (points[..., 2] < -0.55)
     occ[slab] = 1.0  # in the ball's shadow, 0.85 behind its front: hidden deeper than `depth` from the camera at +z
     grid.set_occupancy(occ)
-    space = observed_space(grid, camera(), depth=0.4, scale=1.0)
+    space = observed_space(grid, camera(), depth=0.4)
     restricted = observed_geometry(grid, space)
     occupancy = restricted.occupancy()
     assert float(occupancy.min()) >= 0.0 and float(occupancy.max()) <= 1.0
@@ -200,7 +200,7 @@ def test_shell_fraction_counts_area_beyond_0_97_radii() -> None:
 
 def test_query_reports_observed_and_the_npz_keeps_it(tmp_path, capsys) -> None:
     grid = ball_grid()
-    space = observed_space(grid, camera(), depth=0.4, scale=1.0)
+    space = observed_space(grid, camera(), depth=0.4)
     sdf = CertifiedSDF.from_grid(grid, safety_margin=0.0, observed=space)
     x = torch.tensor([[0.0, 0.0, 0.6], [0.0, 0.0, 0.1], [0.0, 0.0, -0.6], [0.95, 0.0, 0.95], [0.0, 0.0, 1.5]])
     res = sdf.query(x)

@@ -17,7 +17,7 @@ says nothing.
   construction and the room is drawn by the background model, not by the grid.
 
 *observed* = seen or hidden. The first surface of each view is the zero set of the certified SDF
-(the surface the mesh shows), found from every pixel of the view at 1/8 resolution by the certified march
+(the surface the mesh shows), found from every pixel of the view at ~100 pixels across (DEPTH_MAP_PIXELS) by the certified march
 of the model's sampler (:func:`certsdf_ns.certified.band_entry`); nodes are projected into each
 view with its intrinsics and lens distortion (nerfstudio's OpenCV model). With ``depth`` infinite
 (synthetic scenes, whose prior fills without limit) observed is simply "inside some camera's
@@ -39,12 +39,19 @@ from torch import Tensor
 
 from certsdf_ns.certified import TRILINEAR_LIPSCHITZ, CertifiedSDFGrid, band_brick_distance, band_entry, sample_grid
 
-DEPTH_MAP_SCALE = 0.125
-"""Resolution of the depth maps relative to the training images (1/8: DTU's 800×600 views give 100×75)."""
+DEPTH_MAP_PIXELS = 100
+"""Longer side of each view's depth map, in pixels (DTU's 800×600 views: 100×75, 1/8 of the images; views
+already smaller keep their size). A pixel then covers ~2 voxels of a 192³ grid at the object."""
 HIT_TOLERANCE_VOXELS = 0.1
 """The march stops when its certified step falls below this (voxels): far below a depth-map pixel's footprint."""
 TRACE_ITERATIONS = 64
 """March steps per ray (all rays of a view advance together)."""
+REGION_CUT_SIGMAS = 4.0
+"""How far inside the region's sphere a face can be the region's cut, in smoothing σ: the certified zero set of
+occupancy cut off at the sphere lies within about σ of it (measured on the shared cup: 0.95–0.99 radii at
+σ = 0.02 radii)."""
+REGION_CUT_COSINE = math.cos(math.radians(45.0))
+"""A face is the region's cut only if its outward normal is within 45° of the radial direction."""
 BRICK_VOXELS = 8
 """Brick edge of the march's empty-space map (as the model's `trace_brick_voxels`)."""
 
@@ -198,16 +205,18 @@ def depth_maps(tracer: SurfaceTracer, cameras: Sequence, pixel_states: Sequence[
     return out
 
 
-def _pixel_states(mask_files: Optional[Sequence], object_masks: bool, scale: float, n: int) -> list:
-    """Per view: None (no mask), or a row-major tensor per pixel: 1 object / valid, 0 object-mask
-    background (a free ray), −1 excluded by a sampling mask (an unknown ray)."""
+def _pixel_states(mask_files: Optional[Sequence], object_masks: bool, sizes: Sequence[Tuple[int, int]]) -> list:
+    """Per view: None (no mask), or a row-major tensor per pixel of the (height, width) depth map: 1 object /
+    valid, 0 object-mask background (a free ray), −1 excluded by a sampling mask (an unknown ray). Masks are
+    read as the dataset reads them and resized with antialiasing, a pixel counting as object above ½."""
     if mask_files is None:
-        return [None] * n
+        return [None] * len(sizes)
     from certsdf_ns.data.datamanager import load_object_mask
 
     states = []
-    for path in mask_files:
-        inside = load_object_mask(path, scale)[..., 0].reshape(-1) >= 0.5
+    for path, size in zip(mask_files, sizes):
+        grey = load_object_mask(path)[..., 0][None, None]
+        inside = F.interpolate(grey, size=size, mode="bilinear", antialias=True, align_corners=False)[0, 0].reshape(-1) >= 0.5
         states.append(inside.long() if object_masks else torch.where(inside, 1, -1))
     return states
 
@@ -289,7 +298,7 @@ def observed_space(
     depth: float,
     mask_files: Optional[Sequence] = None,
     object_masks: bool = True,
-    scale: float = DEPTH_MAP_SCALE,
+    pixels: int = DEPTH_MAP_PIXELS,
 ) -> ObservedSpace:
     """Seen and hidden nodes of `geometry` from the training `cameras` (nerfstudio Cameras, model frame).
 
@@ -299,19 +308,16 @@ def observed_space(
         mask_files: one mask image per camera, or None.
         object_masks: the masks are object masks (white = object: background pixels are free rays), not
             nerfstudio's sampling masks (white = valid: other pixels observe nothing).
-        scale: resolution of the depth maps relative to the cameras'.
+        pixels: longer side of the depth maps (views already smaller keep their size).
     """
     cpu = torch.device("cpu")
     cameras = cameras.to(cpu)
-    states = _pixel_states(mask_files, object_masks, scale, len(cameras))
     singles = []
     for i in range(len(cameras)):
         camera = cameras[i : i + 1]
-        camera.rescale_output_resolution(scale)
-        size = int(camera.width) * int(camera.height)
-        if states[i] is not None and states[i].numel() != size:
-            raise ValueError(f"mask {mask_files[i]} resized to {scale:g} has {states[i].numel()} pixels, its camera {size}")
+        camera.rescale_output_resolution(min(1.0, pixels / max(int(camera.width), int(camera.height))))
         singles.append(camera)
+    states = _pixel_states(mask_files, object_masks, [(int(c.height), int(c.width)) for c in singles])
     surfaces = [None] * len(singles) if math.isinf(depth) else depth_maps(SurfaceTracer.of(geometry), singles, states)
     views = [
         _View(_camera_arrays(camera), _corner_radius2(camera), surface, None if state is None else state >= 0)
@@ -337,7 +343,7 @@ def observed_depth(model) -> float:
     return (REAL_FILL_DEPTH_RADII if math.isinf(fill) else fill) * float(model.region[1])
 
 
-def pipeline_observed_space(pipeline, scale: float = DEPTH_MAP_SCALE) -> ObservedSpace:
+def pipeline_observed_space(pipeline, pixels: int = DEPTH_MAP_PIXELS) -> ObservedSpace:
     """:func:`observed_space` of a loaded certsdf pipeline (:func:`certsdf_ns.export.run.load_run`'s
     `run.pipeline`): its grid, its training cameras and masks (the dataparser's train split, which nerfstudio
     builds in every mode), at the depth its prior filled."""
@@ -346,7 +352,7 @@ def pipeline_observed_space(pipeline, scale: float = DEPTH_MAP_SCALE) -> Observe
     outputs = pipeline.datamanager.train_dataparser_outputs
     object_masks = bool(outputs.metadata.get(FOREGROUND_MASKS_KEY))
     model = pipeline.model
-    return observed_space(model.field.geometry, outputs.cameras, observed_depth(model), outputs.mask_filenames, object_masks, scale)
+    return observed_space(model.field.geometry, outputs.cameras, observed_depth(model), outputs.mask_filenames, object_masks, pixels)
 
 
 # --------------------------------------------------------------------------- the mesh
@@ -365,14 +371,18 @@ def observed_geometry(geometry: CertifiedSDFGrid, space: ObservedSpace) -> Certi
 
 @dataclass
 class MeshRemoval:
-    """What restricting the mesh to observed space took out of the full zero set, and what it left."""
+    """What the export took out of the full zero set, and what it left."""
 
-    faces: int
+    unobserved_faces: int
     """Faces of the full zero set whose centre lies in unobserved space."""
-    area_fraction: float
+    unobserved_area: float
     """Their share of the full zero set's area."""
-    pieces: int
+    unobserved_pieces: int
     """Connected pieces of the full zero set that lay wholly in unobserved space (gone)."""
+    cut_faces: int
+    """Faces of the region's cut removed (:func:`region_cut_faces`)."""
+    cut_area: float
+    """Their share of the full zero set's area."""
     shell_before: float
     """Share of the full zero set's area within 3% of the region's boundary (beyond 0.97 radii)."""
     shell_after: float
@@ -385,24 +395,39 @@ class MeshRemoval:
     def rows(self) -> List[Tuple[str, str]]:
         """(label, text) rows for a printed summary."""
         return [
-            ("removed as unobserved", f"{self.area_fraction:.1%} of the full zero set's area ({self.faces} faces); "
-                                      f"{self.pieces} of its pieces lay wholly there"),
-            ("on the region's boundary", f"{self.shell_after:.1%} of the mesh's area beyond 0.97 region radii "
+            ("removed: unobserved", f"{self.unobserved_area:.1%} of the full zero set's area ({self.unobserved_faces} "
+                                    f"faces), {self.unobserved_pieces} piece(s) wholly"),
+            ("removed: region's cut", f"{self.cut_area:.1%} of the full zero set's area ({self.cut_faces} faces)"),
+            ("on the region's boundary", f"{self.shell_after:.1%} of the mesh's area lies beyond 0.97 region radii "
                                          f"({self.shell_before:.1%} of the full zero set's)"),
             ("pieces", f"{self.mesh_pieces}; the largest holds {self.largest_piece:.1%} of the mesh's area"),
         ]  # fmt: skip
 
 
-def removal_of(full: trimesh.Trimesh, mesh: trimesh.Trimesh, space: ObservedSpace,
-               region: Optional[Tuple[Tensor, float]]) -> MeshRemoval:  # fmt: skip
-    """Measure what :func:`observed_geometry` left out of the `full` zero set, and the `mesh` it gave."""
+def region_cut_faces(mesh: trimesh.Trimesh, region: Tuple[Tensor, float], width: float) -> np.ndarray:
+    """Faces that the region's boundary made rather than the scene: within `width` of the region's sphere and
+    facing out of it (outward normal within 45° of the radial direction). Occupancy is zero outside the region
+    (the grid's support), so whatever the region cuts (the table, or fill that reached the ball) ends in a
+    surface hugging the sphere from inside, facing out; a surface of the scene near the sphere faces any way."""
+    centre, radius = region
+    offset = mesh.triangles_center - centre.detach().cpu().numpy()
+    reach = np.linalg.norm(offset, axis=1)
+    outward = np.einsum("ij,ij->i", mesh.face_normals, offset / np.maximum(reach, 1e-12)[:, None])
+    return (reach > float(radius) - width) & (outward > REGION_CUT_COSINE)
+
+
+def removal_of(full: trimesh.Trimesh, mesh: trimesh.Trimesh, cut: trimesh.Trimesh, space: ObservedSpace,
+               region: Tuple[Tensor, float]) -> MeshRemoval:  # fmt: skip
+    """Measure what the export left out of the `full` zero set: its unobserved faces, the `cut` faces of the
+    region; and the `mesh` it gave."""
     unobserved = ~space.at(torch.from_numpy(np.array(full.triangles_center, dtype=np.float32))).numpy()
     area = full.area_faces
     labels = trimesh.graph.connected_component_labels(full.face_adjacency, node_count=len(full.faces))
     pieces = len(set(labels.tolist()) - set(labels[~unobserved].tolist()))
     n_pieces, largest = piece_shares(mesh)
-    return MeshRemoval(int(unobserved.sum()), float(area[unobserved].sum() / area.sum()), pieces,
-                       shell_fraction(full, region), shell_fraction(mesh, region), n_pieces, largest)  # fmt: skip
+    return MeshRemoval(int(unobserved.sum()), float(area[unobserved].sum() / area.sum()), pieces, len(cut.faces),
+                       float(cut.area / area.sum()), shell_fraction(full, region), shell_fraction(mesh, region),
+                       n_pieces, largest)  # fmt: skip
 
 
 @dataclass
@@ -411,17 +436,18 @@ class ExportMesh:
 
     mesh: trimesh.Trimesh
     geometry: CertifiedSDFGrid
-    """The grid it is the zero set of: the model's, or its restriction to observed space."""
+    """The grid it is (part of) the zero set of: the model's, or its restriction to observed space."""
     space: Optional[ObservedSpace]
     """The observed space (when it was computed)."""
     removal: Optional[MeshRemoval]
-    """What the restriction removed (None: the full zero set was meshed)."""
+    """What the export removed (None: the full zero set was meshed)."""
 
 
 def export_mesh(pipeline, resolution: int = 256, upsample: int = 1, keep_unobserved: bool = False,
                 need_space: bool = False) -> ExportMesh:  # fmt: skip
-    """The mesh of a loaded certsdf pipeline that `certsdf-export` writes, in the model's frame: on a real capture
-    (a region) the zero set of :func:`observed_geometry`, unless `keep_unobserved`; else the full zero set.
+    """The mesh of a loaded certsdf pipeline that `certsdf-export` writes, in the model's frame. On a real capture
+    (a region), unless `keep_unobserved`: the zero set of :func:`observed_geometry` without the faces of the
+    region's cut (:func:`region_cut_faces`, within REGION_CUT_SIGMAS·σ of the sphere); else the full zero set.
     `need_space` computes the observed space even when the mesh does not use it (for the npz). NoSurfaceError
     when nothing is left."""
     from certsdf_ns.export.mesh import NoSurfaceError, extract_mesh
@@ -439,7 +465,14 @@ def export_mesh(pipeline, resolution: int = 256, upsample: int = 1, keep_unobser
         mesh = extract_mesh(restricted, resolution, upsample)
     except NoSurfaceError as exc:
         raise NoSurfaceError(f"{exc} (in observed space; --keep-unobserved meshes the full zero set)") from exc
-    return ExportMesh(mesh, restricted, space, removal_of(full, mesh, space, model.region))
+    cut = region_cut_faces(mesh, model.region, REGION_CUT_SIGMAS * geometry.sigma)
+    if cut.all():
+        raise NoSurfaceError("no surface: in observed space the zero set is all on the region's boundary "
+                             "(--keep-unobserved meshes the full zero set)")  # fmt: skip
+    removed = mesh.submesh([np.nonzero(cut)[0]], append=True) if cut.any() else trimesh.Trimesh()
+    mesh.update_faces(~cut)
+    mesh.remove_unreferenced_vertices()
+    return ExportMesh(mesh, restricted, space, removal_of(full, mesh, removed, space, model.region))
 
 
 def piece_shares(mesh: trimesh.Trimesh) -> Tuple[int, float]:
