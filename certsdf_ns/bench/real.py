@@ -62,8 +62,9 @@ Per method and scene, at the evaluated checkpoints (log-spaced in training time,
 1. held-out images: every held-out view (`--trial.n-test-views 0`, the default here; N > 0 keeps
    the first N) rendered with `pipeline.model.get_outputs_for_camera`: PSNR over the whole image,
    PSNR inside the object mask (DTU), SSIM, render seconds per view;
-2. meshes: certsdf's certified grid (:func:`certsdf_ns.bench.meshes.certsdf_grid_mesh`, in the
-   dataparser frame) at every evaluated checkpoint; nerfacto's `ns-export tsdf` and `ns-export
+2. meshes: certsdf's certified grid as `certsdf-export` meshes it, restricted to observed space
+   (:func:`certsdf_ns.export.observed.export_mesh`, in the dataparser frame; what that removed under
+   `observed_space`) at every evaluated checkpoint; nerfacto's `ns-export tsdf` and `ns-export
    poisson` once, at the last checkpoint (minutes each on CPU), inside certsdf's scene box (the
    unit sphere's box on DTU; the region of interest on fruit and cup), in nerfacto's dataparser
    frame, which is certsdf's by construction;
@@ -92,12 +93,13 @@ from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import trimesh
 
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from certsdf_ns.bench.data import SHARED, Scene
 from certsdf_ns.bench.evaluate import HeldOutViews, heldout_metrics, heldout_views, iter_checkpoints
-from certsdf_ns.bench.meshes import MeshResult, PeerExportOptions, certsdf_grid_mesh, mesh_picture, peer_mesh, silhouette_scores
+from certsdf_ns.bench.meshes import MeshResult, PeerExportOptions, mesh_picture, peer_mesh, silhouette_scores
 from certsdf_ns.bench.methods import MethodSpec, NerfactoRealSpec, TrainSettings, get_method
 from certsdf_ns.bench.offline import CHECKPOINT_NOTE, LPIPS_NOTE
 from certsdf_ns.bench.report import real_rows, write_summary
@@ -105,6 +107,8 @@ from certsdf_ns.bench.results import plot_real, write_csv, write_json
 from certsdf_ns.bench.runner import RunResult
 from certsdf_ns.bench.suites import BenchConfig, _header, _run_all, refuse_earlier_trials
 from certsdf_ns.bench.trial import TrialOptions, TrialRequest, train_and_evaluate
+from certsdf_ns.export.mesh import NoSurfaceError
+from certsdf_ns.export.observed import export_mesh
 
 REAL = SHARED / "real"
 CAMERA_TOLERANCE = 1e-4
@@ -466,10 +470,15 @@ def _evaluate_real(req: RealRequest, opts: TrialOptions, run: RunResult, out_dir
             if hasattr(getattr(pipeline.model, "field", None), "geometry"):  # certsdf: its certified grid
                 res = MeshResult("certsdf-grid", step, c.train_time_s)
                 t0 = time.perf_counter()
-                mesh = certsdf_grid_mesh(pipeline.model.field, opts.certsdf_mesh_resolution)
+                try:  # what certsdf-export writes: the grid restricted to observed space
+                    made = export_mesh(pipeline, opts.certsdf_mesh_resolution)
+                    mesh, removal = made.mesh, made.removal
+                except NoSurfaceError:
+                    mesh, removal = trimesh.Trimesh(), None
                 res.export_s = time.perf_counter() - t0
                 keep = out_dir / "runs" / req.run_name / "meshes" / f"certsdf_grid_step{step}.ply"
                 record["meshes"].append(score_real_mesh(res, mesh, c.iterations, req, out_dir, keep if i == len(ckpts) - 1 else None))
+                record["meshes"][-1]["observed_space"] = None if removal is None else asdict(removal)
             if progress:
                 progress("eval", i + 1, len(ckpts))
         del pipeline

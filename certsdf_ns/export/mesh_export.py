@@ -2,7 +2,7 @@
 
     certsdf-export --load-config outputs/.../config.yml --output-dir DIR
                    [--resolution 256] [--upsample 1] [--obj] [--vertex-colours]
-                   [--sdf-grid [--safety-margin-voxels 1.0]]
+                   [--sdf-grid [--safety-margin-voxels 1.0]] [--keep-unobserved]
 
 The certified SDF lives on the occupancy grid's nodes and is trilinear in between, so the
 mesh is PyMCubes' marching cubes (level 0) on a lattice over the scene box:
@@ -22,8 +22,15 @@ nerfstudio`` keeps the model's frame. ``--vertex-colours`` stores the colour fie
 vertex seen head-on from outside: view direction = −n, with n the certified SDF's outward
 normal (the colour of a camera ray hitting the surface along its normal).
 
+On a real capture the mesh holds only *observed* space (:mod:`certsdf_ns.export.observed`): the
+occupancy is restricted to the space the training cameras constrain (seen, or hidden at most the
+prior's fill depth behind a seen surface), so what no camera sees (the fill behind the object, under
+the table, up to the region's ball) forms no surface; the summary says how much of the full zero set
+that removed. ``--keep-unobserved`` meshes the full zero set. Synthetic scenes are meshed whole.
+
 Writes ``DIR/certsdf_mesh.ply`` (and ``.obj`` with ``--obj``) with trimesh; ``--sdf-grid`` also
-writes ``DIR/certsdf_sdf.npz``, the node SDF minus a safety margin (see :mod:`certsdf_ns.export.query`). Bad input exits
+writes ``DIR/certsdf_sdf.npz``, the node SDF minus a safety margin, and the observed-space node mask
+(see :mod:`certsdf_ns.export.query`). Bad input exits
 with code 2 and one message, a checkpoint without a surface exits with code 1.
 """
 
@@ -32,7 +39,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
@@ -46,7 +53,8 @@ from rich.table import Table
 from certsdf_ns.console import CONSOLE, silence_known_noise
 from certsdf_ns.certified import CertifiedSDFGrid
 from certsdf_ns.errors import CertSDFInputError
-from certsdf_ns.export.mesh import NoSurfaceError, check_lattice_args, extract_mesh, lattice_counts
+from certsdf_ns.export.mesh import NoSurfaceError, check_lattice_args, lattice_counts
+from certsdf_ns.export.observed import ObservedSpace, export_mesh
 from certsdf_ns.export.query import CertifiedSDF
 from certsdf_ns.output_paths import OutputLocationError, check_writable_dir
 from certsdf_ns.export.run import load_run, read_run_config
@@ -79,28 +87,34 @@ class MeshExportConfig:
     """Also write certsdf_sdf.npz: the certified node SDF minus the safety margin (load with CertifiedSDF.from_npz)."""
     safety_margin_voxels: float = 1.0
     """With --sdf-grid: margin subtracted from the stored SDF, in voxels of the occupancy grid; 0: the raw SDF."""
+    keep_unobserved: bool = False
+    """Mesh the full zero set; by default a real capture's mesh holds only the space its training cameras observed."""
 
 
 # --------------------------------------------------------------------------- extraction
 
 
 @torch.no_grad()
-def vertex_colours(field, mesh: trimesh.Trimesh, chunk: int = 1 << 16) -> Float[np.ndarray, "V 3"]:
-    """Colour field at the vertices seen from outside along the normal (view direction −n)."""
+def vertex_colours(field, mesh: trimesh.Trimesh, geometry: Optional[CertifiedSDFGrid] = None,
+                   chunk: int = 1 << 16) -> Float[np.ndarray, "V 3"]:  # fmt: skip
+    """Colour field at the vertices seen from outside along the normal (view direction −n) of the grid the
+    mesh came from (`geometry`; the field's own by default)."""
+    geometry = field.geometry if geometry is None else geometry
     x = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=field.aabb.device)
     out = []
     for part in torch.split(x, chunk):
-        normals = field.geometry.normals(part)
+        normals = geometry.normals(part.to(geometry.aabb.device)).to(part.device)
         out.append(field.colour_at(part, -normals).clamp(0.0, 1.0).cpu())
     return torch.cat(out).numpy()
 
 
-def write_sdf_grid(geometry: CertifiedSDFGrid, path: Path, margin_voxels: float,
-                   transform: Optional[np.ndarray] = None, scale: float = 1.0) -> Path:  # fmt: skip
-    """The node SDF minus `margin_voxels` voxels as an .npz for planners (format: certsdf_ns.export.query)."""
+def write_sdf_grid(geometry: CertifiedSDFGrid, path: Path, margin_voxels: float, transform: Optional[np.ndarray] = None,
+                   scale: float = 1.0, observed: Optional[ObservedSpace] = None) -> Path:  # fmt: skip
+    """The node SDF minus `margin_voxels` voxels, and the observed-space mask when given, as an .npz for
+    planners (format: certsdf_ns.export.query)."""
     if not margin_voxels >= 0.0:
         raise UsageError(f"--safety-margin-voxels must be >= 0, got {margin_voxels}")
-    sdf = CertifiedSDF.from_grid(geometry, safety_margin=0.0, transform=transform, scale=scale)
+    sdf = CertifiedSDF.from_grid(geometry, safety_margin=0.0, observed=observed, transform=transform, scale=scale)
     sdf.safety_margin = margin_voxels * sdf.voxel
     return sdf.save_npz(path)
 
@@ -163,12 +177,14 @@ def export(cfg: MeshExportConfig) -> dict:
     field = run.model.field
     timings["load"] = time.perf_counter() - t0
 
+    real = run.model.region is not None  # a real capture: the grid covers the region the cameras look at
     t0 = time.perf_counter()
-    mesh = extract_mesh(field.geometry, cfg.resolution, cfg.upsample)
-    timings["marching cubes"] = time.perf_counter() - t0
+    made = export_mesh(run.pipeline, cfg.resolution, cfg.upsample, cfg.keep_unobserved, need_space=cfg.sdf_grid)
+    mesh, space, removal = made.mesh, made.space, made.removal
+    timings["observed space and marching cubes" if space is not None else "marching cubes"] = time.perf_counter() - t0
     if cfg.vertex_colours:
         t0 = time.perf_counter()
-        rgb = vertex_colours(field, mesh)
+        rgb = vertex_colours(field, mesh, made.geometry)
         mesh.visual.vertex_colors = np.concatenate([rgb * 255.0, np.full((len(rgb), 1), 255.0)], 1).round().astype(np.uint8)
         timings["colours"] = time.perf_counter() - t0
     frame = "nerfstudio world frame"
@@ -185,7 +201,8 @@ def export(cfg: MeshExportConfig) -> dict:
         for path in paths:
             mesh.export(path)
         if cfg.sdf_grid:
-            paths.append(write_sdf_grid(field.geometry, cfg.output_dir / SDF_GRID_NAME, cfg.safety_margin_voxels, transform, scale))
+            paths.append(write_sdf_grid(field.geometry, cfg.output_dir / SDF_GRID_NAME, cfg.safety_margin_voxels, transform,
+                                        scale, space))  # fmt: skip
     except OSError as exc:  # e.g. the disk filled up while meshing
         raise UsageError(f"cannot write {exc.filename or path}: {exc.strerror or exc}") from exc
     timings["write"] = time.perf_counter() - t0
@@ -196,6 +213,11 @@ def export(cfg: MeshExportConfig) -> dict:
         "faces": len(mesh.faces),
         "watertight": bool(mesh.is_watertight),
         "frame": frame,
+        "observed": None if space is None else space.fractions(field.geometry.support),
+        "observed_of": "the region's nodes" if real else "the grid's nodes",
+        "mesh": "observed space" if removal is not None else ("full zero set (--keep-unobserved)" if real else "full zero set"),
+        "removed": None if removal is None else asdict(removal),
+        "removed_rows": [] if removal is None else removal.rows(),
         "outputs": [str(p) for p in paths],
         "timings_s": timings,
     }
@@ -207,6 +229,11 @@ def _print_summary(summary: dict) -> None:
     table.add_row("vertices / faces", f"{summary['vertices']} / {summary['faces']}")
     table.add_row("watertight", str(summary["watertight"]))
     table.add_row("frame", summary["frame"])
+    table.add_row("mesh", summary["mesh"])
+    if summary["observed"] is not None:
+        table.add_row("observed space", ", ".join(f"{k} {v:.1%}" for k, v in summary["observed"].items()) + f" of {summary['observed_of']}")
+    for label, text in summary["removed_rows"]:
+        table.add_row(label, text)
     table.add_row("time", ", ".join(f"{k} {v:.2f} s" for k, v in summary["timings_s"].items()))
     for path in summary["outputs"]:
         table.add_row("wrote", path)

@@ -2,8 +2,9 @@
 
     from certsdf_ns.export.query import CertifiedSDF
     sdf = CertifiedSDF.from_checkpoint("outputs/EXP/certsdf/TS/config.yml")   # or .from_npz("certsdf_sdf.npz")
-    res = sdf.query(points)            # distance [N], gradient [N, 3] (unit, outward), inside [N]
+    res = sdf.query(points)            # distance [N], gradient [N, 3] (unit, outward), inside [N], observed [N]
     hit = sdf.raycast(origins, dirs)   # first hit by safe sphere tracing: t, points, normals, hit mask
+    free = res.free                    # observed and outside: what a planner may treat as free
 
 What the numbers mean. The certified SDF σ·Φ⁻¹(1 − p̂) is 1-Lipschitz and never overestimates the
 distance to its *own* zero set {p̂ = ½}. The zero set is fitted to images, so it can sit off the
@@ -17,6 +18,17 @@ Frames. The grid lives in the frame the model was trained in. nerfstudio-format 
 re-oriented, centred and scaled (x_grid = scale·(T·[x; 1]), ``dataparser_transforms.json``); with
 ``frame="original"`` points and rays are given, and distances, gradients and hits returned, in the
 scene's original frame (distances divided by the scale). Blender scenes have the identity.
+
+Unobserved space. A capture photographs its object from some sides only; where no training image
+constrains the grid (deeper behind every view's first surface than the occluded-space prior reaches,
+outside every camera's frustum, and outside a real capture's region, whose room the background model
+draws) the grid holds whatever it drifted to: its distances there say nothing about the world.
+``res.observed`` is False at such points (:mod:`certsdf_ns.export.observed`). **A planner must treat
+unobserved points as occupied**: a point is free only where ``res.free`` (observed and outside) holds,
+and ``distance`` bounds only the distance to the fitted surface, not to unobserved space, so a path
+is clear only if its points are observed too (check them along the path, e.g. at every step of a
+sphere tracer, at a spacing below the voxel). Grids without that record (npz files written before
+it, or :meth:`CertifiedSDF.from_grid` of a live grid) give ``observed = None``: unknown, not observed.
 
 Sphere tracing is *safe*: each step is distance / L with L the Lipschitz constant of the trilinear
 interpolant of the node SDF, computed exactly from the grid (:func:`interpolant_lipschitz`), and at
@@ -39,10 +51,13 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from certsdf_ns.certified import CertifiedSDFGrid, max_certified_distance, node_gradient, sample_grid
+from certsdf_ns.console import warn
+from certsdf_ns.export.observed import ObservedSpace, observed_at
 
 DEFAULT_MARGIN_VOXELS = 1.0
 """Default safety margin in voxels of the occupancy grid (validated in the README)."""
-NPZ_VERSION = 1
+NPZ_VERSION = 2
+"""1: the SDF only. 2: also ``observed``, the observed-space node mask (absent from version 1: unknown)."""
 Frame = Literal["original", "nerfstudio"]
 
 
@@ -54,6 +69,14 @@ class QueryResult:
     """Unit outward direction ∇sdf/|∇sdf|: −gradient points towards the nearest surface from outside."""
     inside: Bool[Tensor, "N"]
     """distance < 0: inside the (margin-inflated) object."""
+    observed: Optional[Bool[Tensor, "N"]] = None
+    """Whether the training images constrain the grid at the point (:mod:`certsdf_ns.export.observed`); None:
+    the grid carries no such record (unknown). Treat unobserved points as occupied."""
+
+    @property
+    def free(self) -> Optional[Bool[Tensor, "N"]]:
+        """Observed and outside: the points a planner may treat as free (None when `observed` is unknown)."""
+        return None if self.observed is None else self.observed & ~self.inside
 
 
 @dataclass
@@ -103,6 +126,8 @@ class CertifiedSDF:
             DEFAULT_MARGIN_VOXELS voxels.
         transform, scale: x_grid = scale·(transform·[x; 1]) maps query points into the grid frame
             (identity / 1 for the grid's own frame).
+        observed_nodes: the observed-space mask at the nodes [X, Y, Z] (:mod:`certsdf_ns.export.observed`),
+            or None: unknown.
     """
 
     def __init__(
@@ -114,8 +139,14 @@ class CertifiedSDF:
         safety_margin: Optional[float] = None,
         transform: Optional[np.ndarray] = None,
         scale: float = 1.0,
+        observed_nodes: Optional[Bool[Tensor, "X Y Z"]] = None,
     ) -> None:
         self.sdf_nodes = torch.as_tensor(sdf_nodes, dtype=torch.float32)
+        if observed_nodes is not None:
+            observed_nodes = torch.as_tensor(observed_nodes, dtype=torch.bool)
+            if observed_nodes.shape != self.sdf_nodes.shape:
+                raise ValueError(f"observed_nodes {tuple(observed_nodes.shape)} != sdf_nodes {tuple(self.sdf_nodes.shape)}")
+        self.observed_nodes = observed_nodes
         self.aabb = torch.as_tensor(aabb, dtype=torch.float32).reshape(2, 3)
         self.sigma, self.eps, self.scale = float(sigma), float(eps), float(scale)
         res = torch.tensor(self.sdf_nodes.shape, dtype=torch.float32)
@@ -141,25 +172,30 @@ class CertifiedSDF:
 
     # -- construction ----------------------------------------------------------------
     @classmethod
-    def from_grid(cls, grid: CertifiedSDFGrid, safety_margin: Optional[float] = None, **frame) -> "CertifiedSDF":
-        """From a live `CertifiedSDFGrid` (its current σ)."""
+    def from_grid(cls, grid: CertifiedSDFGrid, safety_margin: Optional[float] = None,
+                  observed: Optional[ObservedSpace] = None, **frame) -> "CertifiedSDF":  # fmt: skip
+        """From a live `CertifiedSDFGrid` (its current σ), with its observed space when known."""
         with torch.no_grad():
             nodes = grid.sdf_grid().detach().cpu().float()
-        return cls(nodes, grid.aabb.cpu(), grid.sigma, grid.eps, safety_margin, **frame)
+        mask = None if observed is None else observed.observed
+        return cls(nodes, grid.aabb.cpu(), grid.sigma, grid.eps, safety_margin, observed_nodes=mask, **frame)
 
     @classmethod
     def from_checkpoint(
         cls, config: Union[str, Path], step: Optional[int] = None, safety_margin: Optional[float] = None,
-        frame: Frame = "original",
+        frame: Frame = "original", observed: bool = True,
     ) -> "CertifiedSDF":  # fmt: skip
         """From an ns-train run (its `config.yml`; the newest checkpoint, or `step`): the grid exactly as the
-        model had it (σ at that step, a real capture's region ball), through :func:`certsdf_ns.export.run.load_run`.
-        Needs nerfstudio and the scene's folder; `from_npz` needs neither."""
+        model had it (σ at that step, a real capture's region ball), through :func:`certsdf_ns.export.run.load_run`,
+        and its observed space from the training cameras (`observed` False skips it: `observed` is then
+        unknown). Needs nerfstudio and the scene's folder; `from_npz` needs neither."""
+        from certsdf_ns.export.observed import pipeline_observed_space
         from certsdf_ns.export.run import load_run
 
         run = load_run(Path(config), step)
         transform, scale = (None, 1.0) if frame == "nerfstudio" else run.frame()
-        return cls.from_grid(run.model.field.geometry, safety_margin, transform=transform, scale=scale)
+        space = pipeline_observed_space(run.pipeline) if observed else None
+        return cls.from_grid(run.model.field.geometry, safety_margin, space, transform=transform, scale=scale)
 
     @classmethod
     def from_npz(cls, path: Union[str, Path], safety_margin: Optional[float] = None) -> "CertifiedSDF":
@@ -169,8 +205,11 @@ class CertifiedSDF:
         stored = float(data["safety_margin"])  # query-frame units
         nodes = torch.from_numpy(data["sdf"]).float() + stored * float(data["scale"])
         margin = stored if safety_margin is None else safety_margin
+        observed = torch.from_numpy(data["observed"].astype(bool)) if "observed" in data.files else None
+        if observed is None:
+            warn(f"{path}: written before certsdf recorded observed space; query results carry observed=None (unknown).")
         return cls(nodes, torch.from_numpy(data["aabb"]), float(data["sigma"]), float(data["eps"]), margin,
-                   transform=data["transform"], scale=float(data["scale"]))  # fmt: skip
+                   transform=data["transform"], scale=float(data["scale"]), observed_nodes=observed)  # fmt: skip
 
     # -- geometry of the frame ---------------------------------------------------------
     @property
@@ -199,9 +238,14 @@ class CertifiedSDF:
         g = sample_grid(self._grad_nodes, self.to_grid(x), self.aabb)
         return F.normalize(self._direction_to_query(g), dim=-1)
 
+    def observed(self, x: Float[Tensor, "N 3"]) -> Optional[Bool[Tensor, "N"]]:
+        """Whether the training images constrain the grid at the points: every node of the cell around the
+        point is observed (False outside the box); None when the grid carries no observed-space record."""
+        return None if self.observed_nodes is None else observed_at(self.observed_nodes, self.aabb, self.to_grid(x))
+
     def query(self, x: Float[Tensor, "N 3"]) -> QueryResult:
         d = self.distance(x)
-        return QueryResult(d, self.gradient(x), d < 0)
+        return QueryResult(d, self.gradient(x), d < 0, self.observed(x))
 
     # -- rays --------------------------------------------------------------------------
     @torch.no_grad()
@@ -269,6 +313,7 @@ class CertifiedSDF:
         """Write the node grid with the margin subtracted (see README: "Certified distance queries")."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        extra = {} if self.observed_nodes is None else {"observed": self.observed_nodes.numpy().astype(np.uint8)}
         np.savez_compressed(
             path,
             version=np.int32(NPZ_VERSION),
@@ -282,6 +327,7 @@ class CertifiedSDF:
             scale=np.float64(self.scale),
             max_distance=np.float64(self.max_distance),
             doc=np.array(NPZ_DOC),
+            **extra,
         )
         return path
 
@@ -291,5 +337,6 @@ NPZ_DOC = (
     "aabb[0] + (i,j,k)·voxel_size (grid frame; trilinear in between; positive outside). A query point x in "
     "the scene's original frame maps to x_grid = scale·(transform[:, :3]·x + transform[:, 3]); the distance "
     "in original units is trilinear(sdf, x_grid) / scale. sigma, voxel_size, aabb are in grid-frame units; "
-    "safety_margin and max_distance (= sigma·Φ⁻¹(1−eps)/scale) in original units."
+    "safety_margin and max_distance (= sigma·Φ⁻¹(1−eps)/scale) in original units. observed[i,j,k] (when present) "
+    "is 1 where the training images constrain the grid: treat a point as occupied unless every node of its cell is observed."
 )
