@@ -1,7 +1,8 @@
 """Shared fixtures: one tiny generated scene and one real `ns-train certsdf` run per test session.
 
 Every end-to-end test (eval, export, viewer, resume) reuses the same trained run so the suite
-trains once. The run goes through the real CLI as a subprocess.
+trains once. The run goes through the real CLI as a subprocess, started with the session when a
+selected test needs it.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import re
 import socket
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import pytest
 
@@ -91,21 +93,44 @@ def tiny_scene(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_run(tiny_scene: Path, tmp_path_factory) -> TrainedRun:
+def _trained_run_started(tiny_scene: Path, tmp_path_factory) -> Tuple[Future, Path, int]:
+    """The shared run's `ns-train`, started in a background thread: (its future, output folder, steps)."""
     out = tmp_path_factory.mktemp("outputs")
     steps = 300
-    proc = run_cli(
-        [
-            ns("ns-train"), "certsdf", "--data", tiny_scene, "--output-dir", out,
-            "--experiment-name", "e2e", "--timestamp", "run", "--vis", "tensorboard",
-            "--max-num-iterations", steps, "--steps-per-save", 100, "--save-only-latest-checkpoint", "False",
-            "--viewer.quit-on-train-completion", "True", *TINY_TRAIN_ARGS,
-        ],
-        timeout=1200,
-    )  # fmt: skip
+    args = [
+        ns("ns-train"), "certsdf", "--data", tiny_scene, "--output-dir", out,
+        "--experiment-name", "e2e", "--timestamp", "run", "--vis", "tensorboard",
+        "--max-num-iterations", steps, "--steps-per-save", 100, "--save-only-latest-checkpoint", "False",
+        "--viewer.quit-on-train-completion", "True", *TINY_TRAIN_ARGS,
+    ]  # fmt: skip
+    return start_cli_runs({"train": (args, {"timeout": 1200})})["train"], out, steps
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_run_starts_with_the_session(request) -> None:
+    """When a selected test uses `trained_run`, its training starts with the session, beside the first
+    test files (on a second core, when there is one) rather than when its first user comes."""
+    if any("trained_run" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        request.getfixturevalue("_trained_run_started")
+
+
+@pytest.fixture(scope="session")
+def trained_run(_trained_run_started, tiny_scene: Path) -> TrainedRun:
+    future, out, steps = _trained_run_started
+    proc = future.result()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = out / "e2e" / "certsdf" / "run"
     return TrainedRun(tiny_scene, run_dir / "config.yml", run_dir / "nerfstudio_models", steps, proc.stdout)
+
+
+def start_cli_runs(runs: Dict[str, Tuple[Sequence, Dict]], workers: int = 2) -> Dict[str, Future]:
+    """Start CLIs through `run_cli` in background threads, `workers` at a time: name -> future of its
+    finished process. `runs`: name -> (arguments, keyword arguments of run_cli). Each nerfstudio CLI
+    spends ~10 s of CPU importing; two at a time keep both cores of a 2-core machine busy."""
+    pool = ThreadPoolExecutor(max_workers=workers)
+    futures = {name: pool.submit(run_cli, args, **kwargs) for name, (args, kwargs) in runs.items()}
+    pool.shutdown(wait=False)
+    return futures
 
 
 def free_port() -> int:

@@ -11,7 +11,9 @@ import math
 import shutil
 import sys
 import types
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Dict, Tuple
 
 import numpy as np
 import pytest
@@ -24,7 +26,7 @@ from certsdf_ns.export import ns_export_compat
 from certsdf_ns.export.geometry_eval import evaluate_mesh
 from certsdf_ns.export.mesh import NoSurfaceError, extract_mesh, lattice_coordinates, sample_sdf_lattice
 from certsdf_ns.export.mesh_export import to_original_frame
-from conftest import TrainedRun, ns, run_cli
+from conftest import TrainedRun, ns, run_cli, start_cli_runs
 
 # Measured on the fixture run (300 steps, 64³ grid, voxel 0.048): Chamfer-L1 to gt_mesh.ply was
 # 0.063-0.064 for both exporters (the learned zero level sits ~1.2 voxels inside the true surface
@@ -171,34 +173,63 @@ def _chamfer_to_gt(mesh_path: Path, run: TrainedRun) -> float:
     return evaluate_mesh(pred, trimesh.load(run.scene / "gt_mesh.ply", force="mesh"), n_points=30_000).chamfer_l1
 
 
+def _run_without_surface(run: TrainedRun, dst: Path) -> Path:
+    """A copy of the run whose occupancy logits are all −30 (its config.yml and last checkpoint)."""
+    (dst / "nerfstudio_models").mkdir(parents=True)
+    for name in ("config.yml", "dataparser_transforms.json"):
+        shutil.copy(run.config.parent / name, dst / name)
+    last = sorted(run.checkpoint_dir.glob("*.ckpt"))[-1]
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    state["pipeline"]["_model.field.geometry.logits"].fill_(-30.0)
+    torch.save(state, dst / "nerfstudio_models" / last.name)
+    return dst / "config.yml"
+
+
 @pytest.fixture(scope="module")
-def certsdf_export_dir(trained_run: TrainedRun, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("certsdf_export")
-    proc = run_cli(
-        [ns("certsdf-export"), "--load-config", trained_run.config, "--output-dir", out,
-         "--resolution", 128, "--obj", "--vertex-colours"],
-        timeout=600,
+def export_runs(trained_run: TrainedRun, tmp_path_factory) -> Dict[str, Tuple[Future, Path]]:
+    """Every CLI run of this file on the shared trained run, two at a time: name -> (future of the
+    finished process, its --output-dir)."""
+    root = tmp_path_factory.mktemp("exports")
+    config = trained_run.config
+    small = ["--num-points", 300, "--num-rays-per-batch", 512]
+    runs = {  # name: (arguments, environment entries, timeout)
         # FutureWarnings shown (the suite otherwise hides warnings): nerfstudio's methods, imported to
         # load the run, raise torch's jit/amp deprecations, which certsdf-export silences.
-        env_extra={"PYTHONWARNINGS": "always::FutureWarning"},
-    )  # fmt: skip
+        "certsdf-export": (["certsdf-export", "--load-config", config, "--resolution", 128, "--obj", "--vertex-colours",
+                            "--sdf-grid", "--safety-margin-voxels", 0.5], {"PYTHONWARNINGS": "always::FutureWarning"}, 600),
+        # nerfstudio's marching cubes at its minimum resolution (512) and a tiny texture.
+        "ns-export-mc": (["ns-export", "marching-cubes", "--load-config", config, "--resolution", 512,
+                          "--target-num-faces", 500, "--num-pixels-per-side", 64], {}, 900),
+        "pointcloud": (["ns-export", "pointcloud", "--load-config", config, *small], {}, 900),
+        "poisson": (["ns-export", "poisson", "--load-config", config, *small, "--texture-method", "point_cloud"], {}, 900),
+        "no-surface": (["certsdf-export", "--load-config", _run_without_surface(trained_run, root / "empty_run")], {}, 900),
+    }  # fmt: skip
+    outs = {name: root / name for name in runs}
+    futures = start_cli_runs({name: ([ns(args[0]), *args[1:], "--output-dir", outs[name]], {"timeout": timeout, "env_extra": env})
+                              for name, (args, env, timeout) in runs.items()})  # fmt: skip
+    return {name: (futures[name], outs[name]) for name in runs}
+
+
+def _finished(export_runs, name: str) -> Path:
+    """The output folder of run `name`, which succeeded."""
+    future, out = export_runs[name]
+    proc = future.result()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def certsdf_export_dir(export_runs) -> Path:
+    out = _finished(export_runs, "certsdf-export")
+    proc = export_runs["certsdf-export"][0].result()
     assert "watertight" in proc.stdout
     assert "FutureWarning" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
     return out
 
 
 @pytest.fixture(scope="module")
-def ns_export_mc_dir(trained_run: TrainedRun, tmp_path_factory) -> Path:
-    """nerfstudio's marching cubes at its minimum resolution (512) and a tiny texture."""
-    out = tmp_path_factory.mktemp("ns_export_mc")
-    proc = run_cli(
-        [ns("ns-export"), "marching-cubes", "--load-config", trained_run.config, "--output-dir", out,
-         "--resolution", 512, "--target-num-faces", 500, "--num-pixels-per-side", 64],
-        timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+def ns_export_mc_dir(export_runs) -> Path:
+    return _finished(export_runs, "ns-export-mc")
 
 
 def test_certsdf_export_matches_the_ground_truth(certsdf_export_dir: Path, trained_run: TrainedRun) -> None:
@@ -231,26 +262,18 @@ def test_ns_export_marching_cubes_runs_on_cpu(ns_export_mc_dir: Path, certsdf_ex
     assert 0.1 < np.median(brightness) < 0.9, np.median(brightness)
 
 
-def test_ns_export_pointcloud_and_poisson(trained_run: TrainedRun, tmp_path: Path) -> None:
+def test_ns_export_pointcloud_and_poisson(export_runs, trained_run: TrainedRun) -> None:
     """Both read the model's `normals` output ([0, 1]-encoded, as the exporter asserts) and
     `rgb`/`accumulation`; tiny point counts keep them fast. (`ns-export tsdf` also works, see
     the README, but renders every training view: too slow for CI on 2 shared cores.)"""
-    small = ["--num-points", 300, "--num-rays-per-batch", 512]
-    proc = run_cli([ns("ns-export"), "pointcloud", "--load-config", trained_run.config, "--output-dir", tmp_path / "pc", *small])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    cloud = trimesh.load(tmp_path / "pc" / "point_cloud.ply")
+    cloud = trimesh.load(_finished(export_runs, "pointcloud") / "point_cloud.ply")
     assert len(cloud.vertices) >= 200  # outlier removal may drop a few
     # Points lie on the learned surface: within 0.1 of the true one, mostly.
     gt = trimesh.load(trained_run.scene / "gt_mesh.ply", force="mesh")
     distance = np.abs(trimesh.proximity.signed_distance(gt, np.asarray(cloud.vertices)))
     assert np.median(distance) < 0.1
 
-    proc = run_cli(
-        [ns("ns-export"), "poisson", "--load-config", trained_run.config, "--output-dir", tmp_path / "po", *small,
-         "--texture-method", "point_cloud"]
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert len(trimesh.load(tmp_path / "po" / "poisson_mesh.ply", force="mesh").faces) > 100
+    assert len(trimesh.load(_finished(export_runs, "poisson") / "poisson_mesh.ply", force="mesh").faces) > 100
 
 
 # --------------------------------------------------------------------------- bad input
@@ -263,36 +286,26 @@ def test_certsdf_export_missing_config(tmp_path: Path) -> None:
     _no_traceback(proc)
 
 
-def test_certsdf_export_empty_checkpoint(trained_run: TrainedRun, tmp_path: Path) -> None:
+def test_certsdf_export_empty_checkpoint(export_runs) -> None:
     """A copy of the run whose occupancy logits are all −30: a clear 'no surface' error, exit 1."""
-    run = tmp_path / "empty_run"
-    (run / "nerfstudio_models").mkdir(parents=True)
-    for name in ("config.yml", "dataparser_transforms.json"):
-        shutil.copy(trained_run.config.parent / name, run / name)
-    last = sorted(trained_run.checkpoint_dir.glob("*.ckpt"))[-1]
-    state = torch.load(last, map_location="cpu", weights_only=True)
-    state["pipeline"]["_model.field.geometry.logits"].fill_(-30.0)
-    torch.save(state, run / "nerfstudio_models" / last.name)
-
-    proc = run_cli([ns("certsdf-export"), "--load-config", run / "config.yml", "--output-dir", tmp_path / "out"])
+    future, out = export_runs["no-surface"]
+    proc = future.result()
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "no surface: the certified SDF is positive everywhere" in proc.stderr
     _no_traceback(proc)
-    assert not (tmp_path / "out" / "certsdf_mesh.ply").exists()
+    assert not (out / "certsdf_mesh.ply").exists()
 
 
 # --------------------------------------------------------------------------- the SDF grid for planners
 
 
-def test_sdf_grid_export_matches_the_checkpoint_query(trained_run: TrainedRun, tmp_path: Path) -> None:
-    """`--sdf-grid` writes the node SDF minus the margin; loaded back it answers like the checkpoint
-    loaded without nerfstudio (certsdf_ns.export.query), with the stored margin."""
+def test_sdf_grid_export_matches_the_checkpoint_query(certsdf_export_dir: Path, trained_run: TrainedRun) -> None:
+    """`--sdf-grid` (given to the certsdf-export run of `certsdf_export_dir`, margin 0.5 voxel) writes the
+    node SDF minus the margin; loaded back it answers like the checkpoint loaded without nerfstudio
+    (certsdf_ns.export.query), with the stored margin."""
     from certsdf_ns.export.query import CertifiedSDF
 
-    proc = run_cli([sys.executable, "-m", "certsdf_ns.export.mesh_export", "--load-config", trained_run.config,
-                    "--output-dir", tmp_path, "--resolution", 32, "--sdf-grid", "--safety-margin-voxels", 0.5])  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    from_npz = CertifiedSDF.from_npz(tmp_path / "certsdf_sdf.npz")
+    from_npz = CertifiedSDF.from_npz(certsdf_export_dir / "certsdf_sdf.npz")
     from_ckpt = CertifiedSDF.from_checkpoint(trained_run.config, safety_margin=0.0)
     assert from_npz.safety_margin == pytest.approx(0.5 * from_ckpt.voxel)
     x = torch.rand(2000, 3) * 1.6 - 0.8

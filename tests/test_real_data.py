@@ -13,7 +13,7 @@ import copy
 import json
 import math
 import shutil
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
@@ -23,7 +23,7 @@ import torch
 import trimesh
 from PIL import Image
 
-from conftest import SHARED, ns, run_cli, warning_lines
+from conftest import SHARED, ns, start_cli_runs, warning_lines
 
 from certsdf_ns.data.datamanager import CertSDFDataset
 from certsdf_ns.data.dataparser import CertSDFDataParserConfig, DataFormatError, detect_format
@@ -546,25 +546,24 @@ def _broken_copy(case: str, scenes: Dict[str, Path], root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cli_runs(dtu, fruit, cup, tmp_path_factory) -> Dict[str, Future]:
-    """Every CLI run of this file, two at a time (each ns-train spends ~8 s of CPU importing). The
-    good runs print what a user sees: Python's default warning filters, not the suite's "ignore"."""
+    """Every CLI run of this file, two at a time. The good runs print what a user sees: Python's
+    default warning filters, not the suite's "ignore"."""
     scenes = {"dtu": dtu, "fruit": fruit, "cup": cup}
     root = tmp_path_factory.mktemp("cli")
-    pool = ThreadPoolExecutor(max_workers=2)
-    runs: Dict[str, Future] = {}
+    runs: Dict[str, Tuple[list, dict]] = {}
     for name, steps in GOOD.items():
         args = [ns("ns-train"), "certsdf", "--data", scenes[name], "--output-dir", root / "out", "--experiment-name", name,
                 "--timestamp", "run", "--max-num-iterations", steps, *CLI_ARGS]  # fmt: skip
         if name == "dtu":  # the dataparser's options are plain flags (no dataparser subcommand)
             args += ["--pipeline.datamanager.dataparser.eval-every", "7"]
-        runs[name] = pool.submit(run_cli, args, 600, env_extra={"PYTHONWARNINGS": None})
+        runs[name] = (args, {"timeout": 600, "env_extra": {"PYTHONWARNINGS": None}})
     for case in BAD_THROUGH_THE_CLI:
         data = _broken_copy(case, scenes, root)
         args = [ns("ns-train"), "certsdf", "--data", data, "--output-dir", root / "bad", "--max-num-iterations", 1, *CLI_ARGS]  # fmt: skip
-        runs[case] = pool.submit(run_cli, args, 600)
-    pool.shutdown(wait=False)
-    runs["root"] = root  # type: ignore[assignment]
-    return runs
+        runs[case] = (args, {"timeout": 600})
+    started = start_cli_runs(runs)
+    started["root"] = root  # type: ignore[assignment]
+    return started
 
 
 @needs_real

@@ -4,17 +4,40 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Dict, Tuple
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TrainedRun, ns, run_cli
+from conftest import TrainedRun, ns, run_cli, start_cli_runs
 
 
-def test_certsdf_is_listed_in_ns_train_help() -> None:
-    proc = run_cli([ns("ns-train"), "--help"], timeout=300)
+@pytest.fixture(scope="module")
+def cli_runs(tiny_scene: Path, tmp_path_factory) -> Dict[str, Tuple[Future, Path]]:
+    """The CLI runs of this file that need no trained run, two at a time: name -> (future of the
+    finished process, the folder of their data and outputs)."""
+    root = tmp_path_factory.mktemp("e2e_cli")
+    no_val = Path(shutil.copytree(tiny_scene, root / "no_val"))
+    (no_val / "transforms_val.json").unlink()
+    ns_scene = _to_nerfstudio_format(tiny_scene, root / "ns_scene")
+    runs = {  # name: (arguments, environment entries)
+        "help": ([ns("ns-train"), "--help"], {}),
+        # With Python's warnings on (the suite otherwise runs with PYTHONWARNINGS=ignore), and an eval
+        # image rendered through nerfstudio's Cameras.
+        "nerfstudio-format": ([ns("ns-train"), "certsdf", "--data", ns_scene, "--output-dir", root / "ns_out", *QUICK,
+                               "--steps-per-eval-image", "10"], {"PYTHONWARNINGS": "default"}),
+        "no-val": ([ns("ns-train"), "certsdf", "--data", no_val, "--output-dir", root / "no_val_out", *QUICK], {}),
+    }  # fmt: skip
+    futures = start_cli_runs({name: (args, {"timeout": 600, "env_extra": env}) for name, (args, env) in runs.items()})
+    return {name: (future, root) for name, future in futures.items()}
+
+
+def test_certsdf_is_listed_in_ns_train_help(cli_runs) -> None:
+    proc = cli_runs["help"][0].result()
     assert proc.returncode == 0
     assert "certsdf" in proc.stdout
 
@@ -123,49 +146,31 @@ def _to_nerfstudio_format(blender: Path, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def nerfstudio_format_run(tiny_scene: Path, tmp_path_factory):
-    """The tiny scene as a nerfstudio transforms.json, trained with Python's warnings on (the suite
-    otherwise runs with PYTHONWARNINGS=ignore) and an eval image rendered through nerfstudio's Cameras."""
-    root = tmp_path_factory.mktemp("ns_format")
-    data = _to_nerfstudio_format(tiny_scene, root / "ns_scene")
-    proc = run_cli(
-        [ns("ns-train"), "certsdf", "--data", data, "--output-dir", root / "out", *QUICK, "--steps-per-eval-image", "10"],
-        timeout=600,
-        env_extra={"PYTHONWARNINGS": "default"},
-    )  # fmt: skip
-    return proc, root / "out"
-
-
-def test_nerfstudio_format_is_detected_and_trains(nerfstudio_format_run) -> None:
-    proc, out = nerfstudio_format_run
+def test_nerfstudio_format_is_detected_and_trains(cli_runs) -> None:
+    future, root = cli_runs["nerfstudio-format"]
+    proc = future.result()
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "nerfstudio format" in proc.stdout
     # the plugin's messages keep their "[certsdf]" prefix (rich would read it as a style tag)
     assert "[certsdf] colour field backend: " in proc.stdout
-    assert list(out.rglob("*.ckpt"))
+    assert list((root / "ns_out").rglob("*.ckpt"))
 
 
-def test_missing_val_split_falls_back_to_test_with_one_warning(tiny_scene: Path, tmp_path: Path) -> None:
-    import shutil
-
-    data = tmp_path / "no_val"
-    shutil.copytree(tiny_scene, data)
-    (data / "transforms_val.json").unlink()
-    proc = run_cli([ns("ns-train"), "certsdf", "--data", data, "--output-dir", tmp_path / "out", *QUICK], timeout=600)
+def test_missing_val_split_falls_back_to_test_with_one_warning(cli_runs) -> None:
+    proc = cli_runs["no-val"][0].result()
     out = " ".join((proc.stdout + proc.stderr).split())  # rich wraps long lines
     assert proc.returncode == 0, out[-3000:]
     assert "FileNotFoundError" not in out
     assert out.count("evaluating on the test split") == 1, out[-3000:]
 
 
-def test_console_hides_known_noise_but_not_other_warnings(nerfstudio_format_run) -> None:
+def test_console_hides_known_noise_but_not_other_warnings(cli_runs) -> None:
     """With Python's warnings on, ns-train prints neither tyro's complaint about certsdf's dataparser
     config nor torch's indexing deprecation from nerfstudio's cameras (rendered at the end of
     training), nor what certsdf's own code used to cause (the GradScaler nerfstudio's trainer builds,
     the unused DataLoader workers, float() of losses that require grad, torchmetrics' deprecated
     import), and still prints the warnings that are not silenced."""
-    proc, _ = nerfstudio_format_run
+    proc = cli_runs["nerfstudio-format"][0].result()
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "does not match any type in Union" not in out
