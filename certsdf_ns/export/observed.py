@@ -46,12 +46,9 @@ HIT_TOLERANCE_VOXELS = 0.1
 """The march stops when its certified step falls below this (voxels): far below a depth-map pixel's footprint."""
 TRACE_ITERATIONS = 64
 """March steps per ray (all rays of a view advance together)."""
-REGION_CUT_SIGMAS = 4.0
-"""How far inside the region's sphere a face can be the region's cut, in smoothing σ: the certified zero set of
-occupancy cut off at the sphere lies within about σ of it (measured on the shared cup: 0.95–0.99 radii at
-σ = 0.02 radii)."""
-REGION_CUT_COSINE = math.cos(math.radians(45.0))
-"""A face is the region's cut only if its outward normal is within 45° of the radial direction."""
+REGION_CUT_VOXELS = 0.5
+"""A face is the region's cut where the certified SDF of the occupancy continued past the sphere puts it this
+many voxels inside (:func:`region_cut_faces`)."""
 BRICK_VOXELS = 8
 """Brick edge of the march's empty-space map (as the model's `trace_brick_voxels`)."""
 
@@ -404,16 +401,33 @@ class MeshRemoval:
         ]  # fmt: skip
 
 
-def region_cut_faces(mesh: trimesh.Trimesh, region: Tuple[Tensor, float], width: float) -> np.ndarray:
-    """Faces that the region's boundary made rather than the scene: within `width` of the region's sphere and
-    facing out of it (outward normal within 45° of the radial direction). Occupancy is zero outside the region
-    (the grid's support), so whatever the region cuts (the table, or fill that reached the ball) ends in a
-    surface hugging the sphere from inside, facing out; a surface of the scene near the sphere faces any way."""
-    centre, radius = region
-    offset = mesh.triangles_center - centre.detach().cpu().numpy()
-    reach = np.linalg.norm(offset, axis=1)
-    outward = np.einsum("ij,ij->i", mesh.face_normals, offset / np.maximum(reach, 1e-12)[:, None])
-    return (reach > float(radius) - width) & (outward > REGION_CUT_COSINE)
+@torch.no_grad()
+def region_cut_faces(mesh: trimesh.Trimesh, geometry: CertifiedSDFGrid, region: Tuple[Tensor, float]) -> np.ndarray:
+    """Faces of a zero set of `geometry` that the region's boundary made rather than the scene.
+
+    Occupancy is zero outside the region (the grid's support), so whatever the region cuts (the table, or fill
+    that reached the ball) ends in a surface hugging the sphere. Continue the occupancy beyond the sphere
+    radially (each outside node takes the value of the node a voxel inside the sphere on its ray from the
+    centre) and smooth it again: the scene's own surfaces stay where they are, a cut's surface is swallowed by
+    what now continues past it. A face is the region's cut where that continued certified SDF is below
+    −REGION_CUT_VOXELS voxels (inside)."""
+    centre, radius = region[0].detach().cpu().float(), float(region[1])
+    occupancy = geometry.occupancy().detach().cpu().float()
+    points = geometry.grid_points().cpu()
+    offset = points - centre
+    reach = offset.norm(dim=-1)
+    outside = reach > radius
+    voxel = geometry.voxel_size.cpu()
+    aabb = geometry.aabb.detach().cpu().float()
+    inner = centre + offset[outside] / reach[outside, None] * (radius - float(voxel.min()))
+    index = ((inner - aabb[0]) / voxel).round().long()
+    index = torch.minimum(index.clamp_min(0), torch.tensor(geometry.resolution) - 1)
+    continued = occupancy.clone()
+    continued[outside] = occupancy[index[:, 0], index[:, 1], index[:, 2]]
+    grid = CertifiedSDFGrid(geometry.resolution, aabb, sigma=geometry.sigma, eps=geometry.eps)
+    grid.set_occupancy(continued)
+    centres = torch.from_numpy(np.array(mesh.triangles_center, dtype=np.float32))
+    return (grid.sdf(centres) < -REGION_CUT_VOXELS * float(voxel.min())).numpy()
 
 
 def removal_of(full: trimesh.Trimesh, mesh: trimesh.Trimesh, cut: trimesh.Trimesh, space: ObservedSpace,
@@ -447,7 +461,7 @@ def export_mesh(pipeline, resolution: int = 256, upsample: int = 1, keep_unobser
                 need_space: bool = False) -> ExportMesh:  # fmt: skip
     """The mesh of a loaded certsdf pipeline that `certsdf-export` writes, in the model's frame. On a real capture
     (a region), unless `keep_unobserved`: the zero set of :func:`observed_geometry` without the faces of the
-    region's cut (:func:`region_cut_faces`, within REGION_CUT_SIGMAS·σ of the sphere); else the full zero set.
+    region's cut (:func:`region_cut_faces`); else the full zero set.
     `need_space` computes the observed space even when the mesh does not use it (for the npz). NoSurfaceError
     when nothing is left."""
     from certsdf_ns.export.mesh import NoSurfaceError, extract_mesh
@@ -465,7 +479,7 @@ def export_mesh(pipeline, resolution: int = 256, upsample: int = 1, keep_unobser
         mesh = extract_mesh(restricted, resolution, upsample)
     except NoSurfaceError as exc:
         raise NoSurfaceError(f"{exc} (in observed space; --keep-unobserved meshes the full zero set)") from exc
-    cut = region_cut_faces(mesh, model.region, REGION_CUT_SIGMAS * geometry.sigma)
+    cut = region_cut_faces(mesh, restricted, model.region)
     if cut.all():
         raise NoSurfaceError("no surface: in observed space the zero set is all on the region's boundary "
                              "(--keep-unobserved meshes the full zero set)")  # fmt: skip
