@@ -185,6 +185,31 @@ def test_the_grid_restricted_to_observed_space_is_a_voxel_classifier_and_meshes_
     assert piece_shares(mesh) == (1, 1.0)
 
 
+def test_the_region_cut_is_the_rim_where_the_region_cuts_a_table_and_nothing_else() -> None:
+    """A table slab cut by a region of radius 0.8 and a ball on it whose top comes within 0.1 of the sphere: the
+    faces of the region's cut are the slab's rim on the sphere; the table's faces and the whole ball stay."""
+    from certsdf_ns.export.mesh import extract_mesh
+    from certsdf_ns.export.observed import region_cut_faces
+
+    grid = CertifiedSDFGrid(48, AABB, sigma=1.5 * (2.0 / 47), support_sphere=((0.0, 0.0, 0.0), 0.8))
+    points = grid.grid_points()
+    table = points[..., 2].abs() <= 0.12
+    ball = (points - torch.tensor([0.0, 0.0, 0.45])).norm(dim=-1) <= 0.25
+    grid.set_occupancy((table | ball).float())
+    mesh = extract_mesh(grid, 96)
+    cut = region_cut_faces(mesh, grid, (torch.zeros(3), 0.8))
+    centres = mesh.triangles_center
+    reach = np.linalg.norm(centres, axis=1)
+    on_ball = np.linalg.norm(centres - [0.0, 0.0, 0.45], axis=1) < 0.35
+    rim = (reach > 0.74) & (np.abs(centres[:, 2]) < 0.1)
+    assert on_ball.any() and float(centres[on_ball, 2].max()) > 0.65  # the ball's top, 0.1 from the sphere
+    assert not cut[on_ball].any()
+    assert not cut[(reach < 0.6) & ~on_ball].any()  # the table's top and bottom
+    assert cut[rim].all() and rim.sum() > 100
+    # Beyond the rim only the rounded edges where it meets the table's faces, within 1.6 σ of the sphere.
+    assert mesh.area_faces[cut & (reach < 0.7)].sum() < 0.01 * mesh.area_faces[cut].sum()
+
+
 def test_shell_fraction_counts_area_beyond_0_97_radii() -> None:
     sphere = trimesh.creation.icosphere(subdivisions=3, radius=1.0)
     small = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
