@@ -332,7 +332,8 @@ def observed_space(
 def observed_depth(model) -> float:
     """The hidden depth of a trained certsdf model, in model-frame units: on a real capture (a region) the
     occluded-space prior's reach, `fill_depth` region radii, or REAL_FILL_DEPTH_RADII where it filled without
-    limit; inf on synthetic scenes (no region: an object seen from all sides)."""
+    limit (runs with masks trained before the limit applied to them, or `--pipeline.model.fill-depth inf`);
+    inf on synthetic scenes (no region: an object seen from all sides)."""
     from certsdf_ns.method.model import REAL_FILL_DEPTH_RADII
 
     if model.region is None:

@@ -56,10 +56,11 @@ one core) a fill-only prior had grown the whole DTU skull and the whole cup, lid
 painted the room on the region's shell, which it did later (43% of the skull mesh's area after 15 minutes)."""
 
 REAL_FILL_DEPTH_RADII = 0.5
-"""How deep behind the first surface the occluded-space prior fills on a real capture without masks, in region
-radii. A capture sees its object from one side and the table from above: with no limit the prior filled all
-the space they hide, to the region's ball, and the skull's mesh was a ball (35% of its area on the region's
-shell after 15 minutes; README, "Real captures")."""
+"""How deep behind the first surface the occluded-space prior fills on a real capture, in region radii, with or
+without object masks. A capture sees its object from one side and the table from above: with no limit the prior
+filled all the space they hide, to the region's ball, and the skull's mesh was a ball (35% of its area on the
+region's shell after 15 minutes without masks; with masks, what every silhouette covers behind the skull).
+Deeper space is what certsdf-export leaves out as unobserved (certsdf_ns/export/observed.py)."""
 
 
 @dataclass(frozen=True)
@@ -188,9 +189,10 @@ class CertSDFModelConfig(ModelConfig, CertSDFFieldConfig):
     fill_depth: Optional[float] = None
     """How far behind the first surface the occluded-space prior reaches, in region radii: a sample is weighed
     by the transmittance this far in front of it, so space deeper behind every view's first surface gets no
-    target (it keeps its start, nearly empty). None: unlimited on synthetic data and with object masks (an
-    object seen from all sides, or silhouettes that carve the rest), REAL_FILL_DEPTH_RADII on a real capture
-    without masks, where the space under the table and behind the object is never seen."""
+    target (it keeps its start, nearly empty). None: unlimited on synthetic data (an object seen from all sides,
+    alpha carving the rest), REAL_FILL_DEPTH_RADII on a real capture, with or without masks, where the space under
+    the table and behind the object is never seen (silhouettes do not carve what lies behind the object in every
+    view; docs/studies/observed-space.md)."""
     fill_ray_fraction: float = 0.25
     """Fraction of the batch's rays on which the occluded-space prior is evaluated."""
     binary_loss_mult: float = 1e-3
@@ -268,7 +270,7 @@ class CertSDFModel(Model):
         if cfg.fill_carve_start_step is None:
             cfg.fill_carve_start_step = 0 if alpha_or_masks else REAL_FILL_ONLY_STEPS
         if cfg.fill_depth is None:
-            cfg.fill_depth = math.inf if alpha_or_masks else REAL_FILL_DEPTH_RADII
+            cfg.fill_depth = math.inf if kind == "none" else REAL_FILL_DEPTH_RADII
         if kind != "none":
             assert self.region is not None
             self.background_field = build_background_field(
