@@ -17,11 +17,16 @@ says nothing.
   construction and the room is drawn by the background model, not by the grid.
 
 *observed* = seen or hidden. The first surface of each view is the zero set of the certified SDF
-(the surface the mesh shows), found from every pixel of the view at ~100 pixels across (DEPTH_MAP_PIXELS) by the certified march
-of the model's sampler (:func:`certsdf_ns.certified.band_entry`); nodes are projected into each
+(the surface the mesh shows), found from every pixel of the view at ~100 pixels across
+(DEPTH_MAP_PIXELS) by the certified march of the model's sampler
+(:func:`certsdf_ns.certified.band_entry`); nodes are projected into each
 view with its intrinsics and lens distortion (nerfstudio's OpenCV model). With ``depth`` infinite
 (synthetic scenes, whose prior fills without limit) observed is simply "inside some camera's
 frustum" and no depth map is needed.
+
+:func:`export_mesh` is the mesh `certsdf-export` writes: on a real capture the zero set of the grid
+restricted to observed space (:func:`observed_geometry`), without the faces of the region's cut
+(:func:`region_cut_faces`). Measurements: docs/studies/observed-space.md.
 """
 
 from __future__ import annotations
@@ -229,7 +234,7 @@ class _View:
     camera: dict
     r2_max: float
     surface: Optional[Tensor]
-    """Distance to the first surface per pixel (row-major; see :func:`first_surface`), None with infinite depth."""
+    """Distance to the first surface per pixel (row-major; see :func:`depth_maps`), None with infinite depth."""
     valid: Optional[Tensor]
     """Per pixel: False where a sampling mask excludes it (None: all valid)."""
 
