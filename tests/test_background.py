@@ -209,9 +209,9 @@ def test_occluded_space_prior_only_fills_at_first_on_a_real_capture_without_obje
 
 
 def test_occluded_space_prior_reaches_only_fill_depth_behind_the_surface_without_object_masks() -> None:
-    """A capture without masks never sees the space under the table or far behind the object; filling all of
-    it to the region's ball made the DTU skull's mesh a ball. Without masks the prior fills only `fill_depth`
-    region radii behind the first surface and leaves deeper space alone; with masks it has no limit."""
+    """A real capture never sees the space under the table or far behind the object; filling all of it to the
+    region's ball made the DTU skull's mesh a ball. With or without masks the prior fills only `fill_depth`
+    region radii behind the first surface and leaves deeper space alone."""
     from certsdf_ns.method.model import REAL_FILL_DEPTH_RADII
 
     def behind_core(grad: torch.Tensor, model, z_lo: float, z_hi: float) -> torch.Tensor:
@@ -229,11 +229,12 @@ def test_occluded_space_prior_reaches_only_fill_depth_behind_the_surface_without
     deep = behind_core(grad, real, 0.74, 0.97)
     torch.manual_seed(0)
     masked = _region_model(object_masks=True)
-    assert math.isinf(masked.config.fill_depth)
+    assert masked.config.fill_depth == REAL_FILL_DEPTH_RADII  # masks do not see behind the object either
+    masked.config.fill_depth = math.inf  # what it was: no limit
     masked.config.fill_ray_fraction = 1.0
     unlimited = behind_core(_fill_loss_gradient(masked, 100, spread=0.15), masked, 0.74, 0.97)
-    assert float(unlimited.max()) < 0.0  # with masks the prior fills all the way to the ball
-    assert float(deep.abs().max()) < 0.01 * float(unlimited.abs().min())  # without: deep space left alone
+    assert float(unlimited.max()) < 0.0  # without a limit the prior fills all the way to the ball
+    assert float(deep.abs().max()) < 0.01 * float(unlimited.abs().min())  # with it: deep space left alone
 
 
 def test_no_background_model_on_synthetic_scenes() -> None:

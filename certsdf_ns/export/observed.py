@@ -17,11 +17,16 @@ says nothing.
   construction and the room is drawn by the background model, not by the grid.
 
 *observed* = seen or hidden. The first surface of each view is the zero set of the certified SDF
-(the surface the mesh shows), found from every pixel of the view at ~100 pixels across (DEPTH_MAP_PIXELS) by the certified march
-of the model's sampler (:func:`certsdf_ns.certified.band_entry`); nodes are projected into each
+(the surface the mesh shows), found from every pixel of the view at ~100 pixels across
+(DEPTH_MAP_PIXELS) by the certified march of the model's sampler
+(:func:`certsdf_ns.certified.band_entry`); nodes are projected into each
 view with its intrinsics and lens distortion (nerfstudio's OpenCV model). With ``depth`` infinite
 (synthetic scenes, whose prior fills without limit) observed is simply "inside some camera's
 frustum" and no depth map is needed.
+
+:func:`export_mesh` is the mesh `certsdf-export` writes: on a real capture the zero set of the grid
+restricted to observed space (:func:`observed_geometry`), without the faces of the region's cut
+(:func:`region_cut_faces`). Measurements: docs/studies/observed-space.md.
 """
 
 from __future__ import annotations
@@ -46,12 +51,10 @@ HIT_TOLERANCE_VOXELS = 0.1
 """The march stops when its certified step falls below this (voxels): far below a depth-map pixel's footprint."""
 TRACE_ITERATIONS = 64
 """March steps per ray (all rays of a view advance together)."""
-REGION_CUT_SIGMAS = 4.0
-"""How far inside the region's sphere a face can be the region's cut, in smoothing σ: the certified zero set of
-occupancy cut off at the sphere lies within about σ of it (measured on the shared cup: 0.95–0.99 radii at
-σ = 0.02 radii)."""
-REGION_CUT_COSINE = math.cos(math.radians(45.0))
-"""A face is the region's cut only if its outward normal is within 45° of the radial direction."""
+REGION_CUT_VOXELS = 0.1
+"""A face is the region's cut where continuing the occupancy past the sphere moves the certified SDF at the face
+this many voxels inwards (:func:`region_cut_faces`). Half-trained occupancy (0.5–0.8 at the cut, the cup after
+100 steps) moves it by only a few tenths of a voxel; the scene's own surfaces away from the sphere not at all."""
 BRICK_VOXELS = 8
 """Brick edge of the march's empty-space map (as the model's `trace_brick_voxels`)."""
 
@@ -231,7 +234,7 @@ class _View:
     camera: dict
     r2_max: float
     surface: Optional[Tensor]
-    """Distance to the first surface per pixel (row-major; see :func:`first_surface`), None with infinite depth."""
+    """Distance to the first surface per pixel (row-major; see :func:`depth_maps`), None with infinite depth."""
     valid: Optional[Tensor]
     """Per pixel: False where a sampling mask excludes it (None: all valid)."""
 
@@ -334,7 +337,8 @@ def observed_space(
 def observed_depth(model) -> float:
     """The hidden depth of a trained certsdf model, in model-frame units: on a real capture (a region) the
     occluded-space prior's reach, `fill_depth` region radii, or REAL_FILL_DEPTH_RADII where it filled without
-    limit; inf on synthetic scenes (no region: an object seen from all sides)."""
+    limit (runs with masks trained before the limit applied to them, or `--pipeline.model.fill-depth inf`);
+    inf on synthetic scenes (no region: an object seen from all sides)."""
     from certsdf_ns.method.model import REAL_FILL_DEPTH_RADII
 
     if model.region is None:
@@ -404,16 +408,37 @@ class MeshRemoval:
         ]  # fmt: skip
 
 
-def region_cut_faces(mesh: trimesh.Trimesh, region: Tuple[Tensor, float], width: float) -> np.ndarray:
-    """Faces that the region's boundary made rather than the scene: within `width` of the region's sphere and
-    facing out of it (outward normal within 45° of the radial direction). Occupancy is zero outside the region
-    (the grid's support), so whatever the region cuts (the table, or fill that reached the ball) ends in a
-    surface hugging the sphere from inside, facing out; a surface of the scene near the sphere faces any way."""
-    centre, radius = region
-    offset = mesh.triangles_center - centre.detach().cpu().numpy()
-    reach = np.linalg.norm(offset, axis=1)
-    outward = np.einsum("ij,ij->i", mesh.face_normals, offset / np.maximum(reach, 1e-12)[:, None])
-    return (reach > float(radius) - width) & (outward > REGION_CUT_COSINE)
+@torch.no_grad()
+def region_cut_faces(mesh: trimesh.Trimesh, geometry: CertifiedSDFGrid, region: Tuple[Tensor, float]) -> np.ndarray:
+    """Faces of a zero set of `geometry` that the region's boundary made rather than the scene.
+
+    Occupancy is zero outside the region (the grid's support), so whatever the region cuts (the table, or fill
+    that reached the ball) ends in a surface hugging the sphere. Continue the occupancy beyond the sphere by
+    reflection in it (a node at radius R + d takes the value of the node nearest radius R − d on the same ray
+    from the centre) and smooth it again: the scene's own surfaces stay where they are, a cut's surface is
+    swallowed by what now continues past it. (Reflection, not copying the value at the sphere outwards:
+    copying thickens a cut table as it diverges and moves its top near the sphere.) A face is the region's cut where that continued certified SDF is below
+    −REGION_CUT_VOXELS voxels (inside)."""
+    centre, radius = region[0].detach().cpu().float(), float(region[1])
+    occupancy = geometry.occupancy().detach().cpu().float()
+    points = geometry.grid_points().cpu()
+    offset = points - centre
+    reach = offset.norm(dim=-1)
+    outside = reach > radius
+    voxel = geometry.voxel_size.cpu()
+    aabb = geometry.aabb.detach().cpu().float()
+    mirrored = (2.0 * radius - reach[outside]).clamp_min(0.0)
+    inner = centre + offset[outside] / reach[outside, None] * mirrored[:, None]
+    index = ((inner - aabb[0]) / voxel).round().long()
+    index = torch.minimum(index.clamp_min(0), torch.tensor(geometry.resolution) - 1)
+    continued = occupancy.clone()
+    continued[outside] = occupancy[index[:, 0], index[:, 1], index[:, 2]]
+    grid = CertifiedSDFGrid(geometry.resolution, aabb, sigma=geometry.sigma, eps=geometry.eps)
+    grid.set_occupancy(continued)
+    centres = torch.from_numpy(np.array(mesh.triangles_center, dtype=np.float32))
+    swallowed = grid.sdf(centres) - geometry.sdf(centres.to(geometry.aabb.device)).cpu() < -REGION_CUT_VOXELS * float(voxel.min())
+    facing_out = np.einsum("ij,ij->i", mesh.face_normals, mesh.triangles_center - centre.numpy()) > 0
+    return swallowed.numpy() & facing_out
 
 
 def removal_of(full: trimesh.Trimesh, mesh: trimesh.Trimesh, cut: trimesh.Trimesh, space: ObservedSpace,
@@ -447,7 +472,7 @@ def export_mesh(pipeline, resolution: int = 256, upsample: int = 1, keep_unobser
                 need_space: bool = False) -> ExportMesh:  # fmt: skip
     """The mesh of a loaded certsdf pipeline that `certsdf-export` writes, in the model's frame. On a real capture
     (a region), unless `keep_unobserved`: the zero set of :func:`observed_geometry` without the faces of the
-    region's cut (:func:`region_cut_faces`, within REGION_CUT_SIGMAS·σ of the sphere); else the full zero set.
+    region's cut (:func:`region_cut_faces`); else the full zero set.
     `need_space` computes the observed space even when the mesh does not use it (for the npz). NoSurfaceError
     when nothing is left."""
     from certsdf_ns.export.mesh import NoSurfaceError, extract_mesh
@@ -465,7 +490,7 @@ def export_mesh(pipeline, resolution: int = 256, upsample: int = 1, keep_unobser
         mesh = extract_mesh(restricted, resolution, upsample)
     except NoSurfaceError as exc:
         raise NoSurfaceError(f"{exc} (in observed space; --keep-unobserved meshes the full zero set)") from exc
-    cut = region_cut_faces(mesh, model.region, REGION_CUT_SIGMAS * geometry.sigma)
+    cut = region_cut_faces(mesh, restricted, model.region)
     if cut.all():
         raise NoSurfaceError("no surface: in observed space the zero set is all on the region's boundary "
                              "(--keep-unobserved meshes the full zero set)")  # fmt: skip

@@ -54,7 +54,7 @@ REAL_FILL_ONLY_STEPS = 150
 """Steps during which the occluded-space prior only fills, without alpha or masks (docs/options.md)."""
 
 REAL_FILL_DEPTH_RADII = 0.5
-"""Reach of the occluded-space prior behind the first surface without alpha or masks, in region radii."""
+"""Reach of the occluded-space prior behind the first surface on a real capture (with or without masks), in region radii."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ class CertSDFModelConfig(ModelConfig, CertSDFFieldConfig):
     fill_carve_start_step: Optional[int] = None
     """Step from which the occluded-space prior also empties space before the first surface. None: 0, or 150 without alpha or masks."""
     fill_depth: Optional[float] = None
-    """Reach of the occluded-space prior behind the first surface (region radii). None: unlimited, or 0.5 without alpha or masks."""
+    """Reach of the occluded-space prior behind the first surface (region radii). None: unlimited on synthetic data, 0.5 on real captures."""
     fill_ray_fraction: float = 0.25
     """Fraction of the batch's rays on which the occluded-space prior is evaluated (0 to 1)."""
     binary_loss_mult: float = 1e-3
@@ -216,7 +216,7 @@ class CertSDFModel(Model):
         if cfg.fill_carve_start_step is None:
             cfg.fill_carve_start_step = 0 if alpha_or_masks else REAL_FILL_ONLY_STEPS
         if cfg.fill_depth is None:
-            cfg.fill_depth = math.inf if alpha_or_masks else REAL_FILL_DEPTH_RADII
+            cfg.fill_depth = math.inf if kind == "none" else REAL_FILL_DEPTH_RADII
         if kind != "none":
             assert self.region is not None
             self.background_field = build_background_field(

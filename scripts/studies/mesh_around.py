@@ -1,11 +1,11 @@
-"""A mesh seen from the front, the side and behind: what the held-out views never show.
+"""A mesh seen from the front, the side, behind and below: what the held-out views never show.
 
     python scripts/studies/mesh_around.py DATA MESH.ply OUT.png CX CY CZ
 
 DATA is the scene folder (any format certsdf detects); MESH is in the dataparser's frame (the bench's
 meshes, `RESULTS/real/runs/*/meshes/`), and (CX, CY, CZ) is the region's centre in that frame (the
 `region of interest` line of ns-train). The first training camera looks at the centre from its own
-distance; it is then turned 90° and 180° about its up axis. A capture sees its object from one side, so
+distance; it is then turned 90° and 180° about its up axis, and last looks up from below. A capture sees its object from one side, so
 space filled behind the object, or the room painted on the region's far wall, shows only from behind.
 """
 
@@ -38,13 +38,17 @@ def mesh_around(data: Path, mesh_path: Path, out: Path, centre: np.ndarray) -> N
     offset, up = pose[:, 3] - centre, pose[:, 1]
     mesh = trimesh.load(mesh_path, force="mesh")
     panels = []
+    poses = []
     for angle in (0.0, 90.0, 180.0):
         turn = trimesh.transformations.rotation_matrix(np.radians(angle), up)[:3, :3]
-        camera.camera_to_worlds[0] = look_at(centre + turn @ offset, centre, up)
+        poses.append(look_at(centre + turn @ offset, centre, up))
+    poses.append(look_at(centre - up * np.linalg.norm(offset), centre, offset))  # below, the front at the top
+    for pose in poses:
+        camera.camera_to_worlds[0] = pose
         panels.append(cast_mesh(mesh, camera).grey())
         panels.append(np.ones((panels[-1].shape[0], 4)))
     save_picture(out, np.concatenate(panels[:-1], axis=1))
-    print(f"front, side, behind -> {out}")
+    print(f"front, side, behind, below -> {out}")
 
 
 def main() -> None:
