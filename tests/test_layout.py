@@ -199,4 +199,4 @@ def test_help_states_the_real_capture_defaults() -> None:
     (config,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CertSDFModelConfig"]
     docs = {name: doc for name, _, doc in _documented_fields(config.body)}
     assert f"or {constants['REAL_FILL_ONLY_STEPS']} without" in docs["fill_carve_start_step"]
-    assert f"or {constants['REAL_FILL_DEPTH_RADII']} without" in docs["fill_depth"]
+    assert f"{constants['REAL_FILL_DEPTH_RADII']} on real captures" in docs["fill_depth"]
