@@ -25,8 +25,9 @@ normal (the colour of a camera ray hitting the surface along its normal).
 On a real capture the mesh holds only *observed* space (:mod:`certsdf_ns.export.observed`): the
 occupancy is restricted to the space the training cameras constrain (seen, or hidden at most the
 prior's fill depth behind a seen surface), so what no camera sees (the fill behind the object, under
-the table, up to the region's ball) forms no surface; the summary says how much of the full zero set
-that removed. ``--keep-unobserved`` meshes the full zero set. Synthetic scenes are meshed whole.
+the table, up to the region's ball) forms no surface, and the faces where the region's sphere cuts
+the scene are dropped; the summary says how much of the full zero set each removed.
+``--keep-unobserved`` meshes the full zero set. Synthetic scenes are meshed whole.
 
 Writes ``DIR/certsdf_mesh.ply`` (and ``.obj`` with ``--obj``) with trimesh; ``--sdf-grid`` also
 writes ``DIR/certsdf_sdf.npz``, the node SDF minus a safety margin, and the observed-space node mask

@@ -442,10 +442,13 @@ def region_cut_faces(mesh: trimesh.Trimesh, geometry: CertifiedSDFGrid, region: 
 
 
 def removal_of(full: trimesh.Trimesh, mesh: trimesh.Trimesh, cut: trimesh.Trimesh, space: ObservedSpace,
-               region: Tuple[Tensor, float]) -> MeshRemoval:  # fmt: skip
-    """Measure what the export left out of the `full` zero set: its unobserved faces, the `cut` faces of the
-    region; and the `mesh` it gave."""
-    unobserved = ~space.at(torch.from_numpy(np.array(full.triangles_center, dtype=np.float32))).numpy()
+               region: Tuple[Tensor, float], support: Optional[Tensor]) -> MeshRemoval:  # fmt: skip
+    """Measure what the export left out of the `full` zero set: its unobserved faces (in a cell with an
+    unobserved node of the region: nodes outside it, zero anyway, count as the region's cut), the `cut` faces of
+    the region; and the `mesh` it gave."""
+    counted = space.observed if support is None else space.observed | (support.detach().cpu() == 0)
+    centres = torch.from_numpy(np.array(full.triangles_center, dtype=np.float32))
+    unobserved = ~observed_at(counted, space.aabb, centres).numpy()
     area = full.area_faces
     labels = trimesh.graph.connected_component_labels(full.face_adjacency, node_count=len(full.faces))
     pieces = len(set(labels.tolist()) - set(labels[~unobserved].tolist()))
@@ -497,7 +500,7 @@ def export_mesh(pipeline, resolution: int = 256, upsample: int = 1, keep_unobser
     removed = mesh.submesh([np.nonzero(cut)[0]], append=True) if cut.any() else trimesh.Trimesh()
     mesh.update_faces(~cut)
     mesh.remove_unreferenced_vertices()
-    return ExportMesh(mesh, restricted, space, removal_of(full, mesh, removed, space, model.region))
+    return ExportMesh(mesh, restricted, space, removal_of(full, mesh, removed, space, model.region, geometry.support))
 
 
 def piece_shares(mesh: trimesh.Trimesh) -> Tuple[int, float]:
