@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import trimesh
 from jaxtyping import Float
 from PIL import Image, ImageDraw
 
-from certsdf_ns.console import python_warnings_env, silence_known_noise
+from certsdf_ns.console import silence_known_noise
 from certsdf_ns.data.scenes import make_scene
 from certsdf_ns.output_paths import OutputLocationError, check_writable_dir
 
@@ -81,9 +80,7 @@ def train(args: argparse.Namespace) -> Path:
     ]  # fmt: skip
     say(" ".join(cmd))
     started = time.perf_counter()
-    # nerfstudio's deprecation warnings at import come before certsdf's plugin loads: hidden here.
-    env = dict(os.environ, PYTHONWARNINGS=python_warnings_env(os.environ.get("PYTHONWARNINGS")))
-    rc = subprocess.call(cmd, env=env)
+    rc = subprocess.call(cmd)
     if rc != 0:
         raise SystemExit(f"[certsdf-demo] ns-train failed with exit code {rc}")
     runs = sorted((args.output_dir / "demo" / "certsdf").glob("*/config.yml"), key=lambda p: p.stat().st_mtime)

@@ -24,7 +24,7 @@ fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=.venv/.certsdf-installed
-want="$(cat pyproject.toml scripts/constraints-cpu.txt | sha256sum | cut -d' ' -f1)"
+want="$(cat pyproject.toml setup.py scripts/constraints-cpu.txt | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing certsdf-ns (editable) and the tested CPU versions of its dependencies into .venv (a few minutes the first time)"
   .venv/bin/python -m pip install -q --disable-pip-version-check -c scripts/constraints-cpu.txt -e '.[dev]' 2> >(grep -v "^WARNING: Location 'file:" >&2)

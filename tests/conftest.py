@@ -8,7 +8,6 @@ selected test needs it.
 from __future__ import annotations
 
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -54,22 +53,16 @@ def run_cli(args, timeout: float = 900, cwd: Path | None = None, env_extra: dict
     )
 
 
-_PYTHON_WARNING = re.compile(r"^\S.*:\d+: \w*Warning: (?P<message>.*)$")
 
 
-def warning_lines(output: str, allowed: Sequence[str] = ()) -> List[str]:
+def warning_lines(output: str) -> List[str]:
     """The lines of a command's output that are warnings: Python's ("file:line: SomeWarning: message",
     then the source line under it) and any other line with "Warning" or "warn(" in it (a rich console's
-    "Warning: …"). A Python warning whose message starts with one of `allowed` is left out, with its
-    source line. certsdf's own "[certsdf] warning: …" lines are not warnings of other packages."""
+    "Warning: …"). certsdf's own "[certsdf] warning: …" lines are not warnings of other packages."""
     found: List[str] = []
     lines = output.splitlines()
     i = 0
     while i < len(lines):
-        match = _PYTHON_WARNING.match(lines[i])
-        if match and match.group("message").startswith(tuple(allowed)):
-            i += 2 if i + 1 < len(lines) and lines[i + 1].startswith("  ") else 1
-            continue
         if "Warning" in lines[i] or "warn(" in lines[i]:
             found.append(lines[i])
         i += 1

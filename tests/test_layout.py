@@ -19,6 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "certsdf_ns"
 
 LAYER = {
     "certsdf_ns.certified": 0, "certsdf_ns.console": 0, "certsdf_ns.errors": 0, "certsdf_ns.output_paths": 0,
+    "certsdf_ns.startup": 0,
     "certsdf_ns.data": 1,
     "certsdf_ns.method": 2,
     "certsdf_ns.training": 3, "certsdf_ns.export": 3, "certsdf_ns.viewer": 3,
@@ -83,6 +84,15 @@ def test_the_maths_is_nerfstudio_free() -> None:
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not [n for n in names if n.startswith(("nerfstudio", "certsdf_ns"))], names
+
+
+def test_the_start_up_hook_imports_only_the_standard_library() -> None:
+    """certsdf_ns/startup.py runs at the start of `ns-*` processes (certsdf_ns_startup.pth): it must
+    be cheap and work before nerfstudio or torch is imported."""
+    tree = ast.parse((PACKAGE / "startup.py").read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert names <= {"__future__", "builtins", "os", "re", "warnings", "typing"}, names
 
 
 def test_sigma_is_written_in_one_place() -> None:

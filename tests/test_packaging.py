@@ -23,7 +23,7 @@ from typing import Dict
 import pytest
 from PIL import Image
 
-from conftest import REPO, SHARED, ns
+from conftest import REPO, SHARED, ns, warning_lines
 from test_real_data import CLI_ARGS, small_cup, small_dtu, small_fruit
 
 LEGO = SHARED / "nerf_synthetic" / "lego"
@@ -51,10 +51,9 @@ def small_lego(dst: Path, n: int = 6, size: int = 40) -> Path:
 
 
 def clean_env() -> Dict[str, str]:
-    """The environment without anything that would put the checkout on the path."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env["PYTHONWARNINGS"] = "ignore"
-    return env
+    """The environment without anything that would put the checkout on the path, and Python's default
+    warning filters (a user's)."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONWARNINGS")}
 
 
 def make_venv(root: Path) -> Path:
@@ -83,7 +82,7 @@ def wheel(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("wheel")
     src = root / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(REPO / name, src / name)
     for name in ("certsdf_ns", "data_configs"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -101,6 +100,29 @@ def test_wheel_holds_the_presets_and_only_what_users_run(wheel: Path) -> None:
     # Every subpackage of the checkout is in the wheel (the package list in pyproject.toml is explicit).
     subpackages = {p.parent.relative_to(REPO).as_posix() for p in (REPO / "certsdf_ns").rglob("__init__.py")}
     assert {p for p in subpackages if f"{p}/__init__.py" not in names} == set()
+    # The start-up hook sits at the top of site-packages, where Python's `site` runs .pth lines.
+    assert "certsdf_ns_startup.pth" in names
+    assert "certsdf_ns.startup" in zipfile.ZipFile(wheel).read("certsdf_ns_startup.pth").decode()
+
+
+@pytest.mark.parametrize(
+    "argv,quiet",
+    [
+        (["/env/bin/ns-train", "certsdf", "--data", "scene"], True),
+        (["ns-train", "nerfacto", "--data", "scene"], False),
+        (["ns-train", "--help"], False),
+        (["ns-export", "tsdf", "--load-config", "outputs/lego/certsdf/2026-01-01_000000/config.yml"], True),
+        (["ns-viewer", "--load_config=outputs/lego/certsdf/ts/config.yml"], True),
+        (["ns-export", "tsdf", "--load-config", "outputs/lego/nerfacto/ts/config.yml"], False),
+        (["ns-viewer"], False),
+        (["python", "-c", "ns-train certsdf"], False),
+        ([], False),
+    ],
+)
+def test_start_up_hook_acts_only_for_ns_commands_on_certsdf(argv, quiet) -> None:
+    from certsdf_ns.startup import works_on_certsdf
+
+    assert works_on_certsdf(argv) is quiet
 
 
 def test_wheel_keeps_a_users_torch(wheel: Path, tmp_path: Path) -> None:
@@ -173,3 +195,17 @@ def test_installed_package_trains_every_format(fmt: str, installed_runs) -> None
     run_dir = root / "out" / fmt / "certsdf" / "run"
     assert list((run_dir / "nerfstudio_models").glob("step-*.ckpt"))
     assert "preset_dir: null" in (run_dir / "config.yml").read_text()  # the package's own presets
+    # Python's default warning filters: nerfstudio's import-time deprecation warnings are hidden by
+    # the wheel's start-up hook, and nothing else warns.
+    assert warning_lines(proc.stdout + "\n" + proc.stderr) == [], proc.stderr[-3000:]
+
+
+def test_the_start_up_hook_leaves_other_programs_warnings_alone(installed: Path, tmp_path: Path) -> None:
+    """Another program in the same environment importing the same nerfstudio module still sees torch's
+    deprecation warning: the hook acts only for `ns-*` commands on certsdf."""
+    proc = subprocess.run(
+        [installed, "-c", "import nerfstudio.field_components.activations"],
+        capture_output=True, text=True, cwd=tmp_path, env=clean_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FutureWarning: `torch.cuda.amp.custom_fwd(args...)` is deprecated" in proc.stderr, proc.stderr[-3000:]
