@@ -86,7 +86,8 @@ def _run_entry_point(target: str, args: Sequence[str], cwd: Optional[str], env: 
     warnings.simplefilter("ignore")  # PYTHONWARNINGS=ignore, as the subprocess would have it
     sys.argv = [str(a) for a in args]
     module, function = target.split(":")
-    getattr(importlib.import_module(module), function)()
+    # As pip's console-script wrapper: sys.exit(function()), so a returned status is the exit status.
+    sys.exit(getattr(importlib.import_module(module), function)())
 
 
 def _server():
