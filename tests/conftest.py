@@ -18,6 +18,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import pytest
 
+from forked_cli import forkable, run_forked
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 BIN = Path(sys.executable).parent
@@ -40,7 +42,9 @@ def ns(cmd: str) -> str:
 
 def run_cli(args, timeout: float = 900, cwd: Path | None = None, env_extra: dict | None = None):
     """Run a CLI to completion. Python warnings are off unless `env_extra` sets PYTHONWARNINGS; an
-    entry of None removes that variable (PYTHONWARNINGS None: Python's default filters, as a user has)."""
+    entry of None removes that variable (PYTHONWARNINGS None: Python's default filters, as a user has).
+    A console script of this environment runs in a process forked from an interpreter that imported
+    nerfstudio already (`tests/forked_cli.py`), unless only a real subprocess reproduces the run."""
     env = dict(os.environ)
     env.setdefault("PYTHONWARNINGS", "ignore")
     for name, value in (env_extra or {}).items():
@@ -48,6 +52,9 @@ def run_cli(args, timeout: float = 900, cwd: Path | None = None, env_extra: dict
             env.pop(name, None)
         else:
             env[name] = value
+    target = forkable([str(a) for a in args], env)
+    if target is not None:
+        return run_forked(target, args, timeout, cwd, env)
     return subprocess.run(
         [str(a) for a in args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
     )

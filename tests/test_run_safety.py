@@ -30,6 +30,7 @@ import yaml
 from PIL import Image
 
 from conftest import ns
+from forked_cli import ForkedProcess, forkable
 from hooks.sitecustomize import DISK_FULL_ENV, fault_env
 
 from certsdf_ns.data.dataparser import CertSDFDataParserConfig
@@ -67,8 +68,13 @@ def _can_drop_capabilities() -> bool:
     return probe.returncode == 0
 
 
-def _start(args: Sequence, env_extra: Optional[Dict[str, str]] = None, ordinary_user: bool = False) -> subprocess.Popen:
+def _start(args: Sequence, env_extra: Optional[Dict[str, str]] = None, ordinary_user: bool = False):
+    """Start a CLI: a `subprocess.Popen`, or a ForkedProcess (tests/forked_cli.py) where a fork from an
+    interpreter that imported nerfstudio already reproduces it (not as an ordinary user)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", **(env_extra or {}))
+    target = None if ordinary_user else forkable([str(a) for a in args], env)
+    if target is not None:
+        return ForkedProcess(target, args, None, env)
     return subprocess.Popen(
         [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         preexec_fn=_as_ordinary_user if ordinary_user else None,
