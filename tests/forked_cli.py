@@ -70,16 +70,23 @@ def forkable(args: Sequence[str], env: Dict[str, str]) -> Optional[str]:
     return _ENTRY_POINTS.get(script.name)
 
 
-def _run_entry_point(target: str, args: Sequence[str], cwd: Optional[str], env: Dict[str, str], out: str, err: str) -> None:
-    """In the forked process: become the console script (argv, folder, environment, streams), run it."""
+def _run_entry_point(
+    target: str, args: Sequence[str], cwd: Optional[str], env: Dict[str, str], out: str, err: str, new_session: bool = False
+) -> None:
+    """In the forked process: become the console script (argv, folder, environment, streams), run it.
+    ``new_session``: lead a session of its own, as `subprocess.Popen(start_new_session=True)`."""
+    if new_session:
+        os.setsid()
     if cwd is not None:
         os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
-    for fd, path in ((1, out), (2, err)):
-        opened = os.open(path, os.O_WRONLY | os.O_TRUNC)
-        os.dup2(opened, fd)
-        os.close(opened)
+    # One open file for both streams when they share a path (as stderr=STDOUT): one offset, no overwrites.
+    opened = {path: os.open(path, os.O_WRONLY | os.O_TRUNC) for path in dict.fromkeys((out, err))}
+    os.dup2(opened[out], 1)
+    os.dup2(opened[err], 2)
+    for descriptor in opened.values():
+        os.close(descriptor)
     sys.stdout = open(1, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False)
     sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False)
     warnings.resetwarnings()
@@ -104,17 +111,46 @@ class ForkedProcess:
     """A console script running in a forked process, started at once; what `subprocess.Popen` with
     stdout/stderr pipes and text=True offers the suite: `args`, `communicate(timeout)`, `returncode`."""
 
-    def __init__(self, target: str, args: Sequence, cwd: Optional[Path], env: Dict[str, str]) -> None:
+    def __init__(
+        self, target: str, args: Sequence, cwd: Optional[Path], env: Dict[str, str],
+        log: Optional[Path] = None, new_session: bool = False,
+    ) -> None:  # fmt: skip
+        """``log``: stdout and stderr both go to that file (as `Popen(stdout=f, stderr=STDOUT)`);
+        ``new_session``: the process leads its own session, so a kill of its group reaches only it and
+        what it starts."""
         self.args = [str(a) for a in args]
         self.returncode: Optional[int] = None
         self._tmp = tempfile.TemporaryDirectory(prefix="forked-cli-")
-        self._out, self._err = os.path.join(self._tmp.name, "stdout"), os.path.join(self._tmp.name, "stderr")
+        if log is None:
+            self._out, self._err = os.path.join(self._tmp.name, "stdout"), os.path.join(self._tmp.name, "stderr")
+        else:
+            self._out = self._err = str(log)
         for path in (self._out, self._err):
             open(path, "w").close()
         self._process = _server().Process(
-            target=_run_entry_point, args=(target, self.args, str(cwd) if cwd else None, env, self._out, self._err)
+            target=_run_entry_point,
+            args=(target, self.args, str(cwd) if cwd else None, env, self._out, self._err, new_session),
         )
         self._process.start()
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid  # type: ignore[return-value]
+
+    def poll(self) -> Optional[int]:
+        """The exit status once the process has ended, else None (as `Popen.poll`)."""
+        if self._process.is_alive():
+            return None
+        self.returncode = self._process.exitcode
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+        """Wait for the exit (as `Popen.wait`, TimeoutExpired after `timeout` s)."""
+        self._process.join(timeout)
+        if self._process.is_alive():
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        self._tmp.cleanup()
+        return self.poll()
 
     def communicate(self, timeout: Optional[float] = None) -> Tuple[str, str]:
         """Wait for the exit (TimeoutExpired after `timeout` s, the process killed); (stdout, stderr)."""

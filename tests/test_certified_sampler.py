@@ -19,6 +19,7 @@ from certsdf_ns.certified import (
     band_brick_distance,
     band_distance,
     band_interval,
+    certified_sdf_from_smoothed,
     sample_grid,
 )
 
@@ -259,3 +260,32 @@ def test_brick_map_is_exact() -> None:
     hits = idx[touched.reshape(-1)]
     cheb = (idx[:, None] - hits[None]).abs().amax(-1).amin(-1).float().clamp(max=3).reshape(5, 5, 5)
     assert torch.equal(distance, cheb)
+
+
+def test_caches_follow_every_optimizer_step_of_the_method() -> None:
+    """The node SDF and the sampler's brick map are cached until the logits change, keyed on the logits'
+    version counter. The method's optimizers (torch's fused Adam, which writes the parameters without
+    bumping that counter) must still invalidate them at every step, or the sampler keeps a brick map of
+    an old surface and marches over where the surface is now."""
+    from nerfstudio.engine.optimizers import Optimizers
+
+    from certsdf_ns.method_config import certsdf_trainer_config
+
+    grid = CertifiedSDFGrid(24, sigma=0.2)
+    with torch.no_grad():
+        grid.logits.copy_((grid.grid_points().norm(dim=-1) < 0.5).float() * 8.0 - 4.0)
+    optimizers = Optimizers({"geometry": certsdf_trainer_config.optimizers["geometry"]}, {"geometry": [grid.logits]})
+    assert optimizers.optimizers["geometry"].defaults["fused"]  # the case this test is about
+    band, brick = 0.05, 4
+    for _ in range(3):
+        with torch.no_grad():
+            cached = grid.sdf_grid()
+            grid.derived("band_bricks", lambda: band_brick_distance(cached, band, brick), extra_key=(band,))
+        grid.logits.grad = torch.full_like(grid.logits, -1.0)  # grow the ball everywhere
+        optimizers.optimizer_step_all()
+        with torch.no_grad():
+            fresh = certified_sdf_from_smoothed(grid.smoothed_occupancy_grid(), grid.sigma, grid.eps)
+            assert not torch.equal(fresh, cached)
+            torch.testing.assert_close(grid.sdf_grid(), fresh, rtol=0, atol=0)
+            new_bricks = grid.derived("band_bricks", lambda: band_brick_distance(fresh, band, brick), extra_key=(band,))
+        assert torch.equal(new_bricks, band_brick_distance(fresh, band, brick))

@@ -30,6 +30,7 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_TRAIN_ARGS, TrainedRun, free_port, ns
+from forked_cli import ForkedProcess, forkable
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -53,13 +54,20 @@ class ViewerProcess:
 
     def __init__(self, args, log: Path, port: int) -> None:
         self.log, self.port = log, port
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
-        self._log_file = open(log, "w")
-        # Own session: the kill in stop() reaches anything it spawns, and only that.
-        self.proc = subprocess.Popen(
-            [str(a) for a in args], stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
-            cwd=log.parent, start_new_session=True,
-        )  # fmt: skip
+        args = [str(a) for a in args]
+        env = dict(os.environ, PYTHONWARNINGS="ignore")
+        target = forkable(args, env)
+        # Own session: the kill in stop() reaches anything it spawns, and only that. A forked console
+        # script writes its log line by line; a real subprocess is told to by PYTHONUNBUFFERED.
+        if target is not None:
+            self.proc = ForkedProcess(target, args, log.parent, env, log=log, new_session=True)
+            self._log_file = None
+        else:
+            self._log_file = open(log, "w")
+            self.proc = subprocess.Popen(
+                args, stdout=self._log_file, stderr=subprocess.STDOUT, env=dict(env, PYTHONUNBUFFERED="1"),
+                cwd=log.parent, start_new_session=True,
+            )  # fmt: skip
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -100,7 +108,8 @@ class ViewerProcess:
             except ProcessLookupError:
                 pass
         self.proc.wait(timeout=30)
-        self._log_file.close()
+        if self._log_file is not None:
+            self._log_file.close()
 
 
 def wait_until(predicate, timeout: float, what: str, process: ViewerProcess | None = None) -> None:

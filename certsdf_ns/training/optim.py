@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Type
 
 
+import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -28,6 +29,22 @@ class FusedAdamOptimizerConfig(AdamOptimizerConfig):
 
     fused: bool = True
     """Use the fused implementation."""
+
+    def setup(self, params) -> Optimizer:
+        optimizer = super().setup(params)
+        optimizer.register_step_post_hook(_mark_parameters_changed)
+        return optimizer
+
+
+def _mark_parameters_changed(optimizer: Optimizer, args, kwargs) -> None:
+    """Bump each parameter's version counter after a step, as every in-place update does.
+
+    The fused kernel writes the parameters without bumping it, and the certified grid keys its
+    caches (node SDF, the sampler's brick distance map) on that counter: without this they would
+    keep the values of the last σ or band change for the rest of training."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            torch.autograd.graph.increment_version(param)
 
 
 class PlainFloatExponentialDecayScheduler(ExponentialDecayScheduler):
