@@ -20,6 +20,11 @@ import pytest
 
 from forked_cli import forkable, run_forked
 
+# One torch thread per process, read by torch when it is imported: here (before the test modules import
+# it) and in every process the suite starts. The suite runs a training beside the tests, often two
+# processes at a time, on machines with few cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 BIN = Path(sys.executable).parent

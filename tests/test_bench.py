@@ -13,13 +13,15 @@ import csv
 import json
 import math
 import re
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Dict, Tuple
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ns, run_cli
+from conftest import ns, start_cli_runs
 
 BUDGET_S = 6
 TINY = [
@@ -34,10 +36,51 @@ TINY = [
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _bench(suite: str, results: Path, *args, budget_s: float = BUDGET_S, tiny=TINY) -> Path:
-    proc = run_cli([ns("certsdf-bench"), suite, "--results-dir", results, "--budget-s", budget_s, *args, *tiny], timeout=600)
+def _bench_args(suite: str, results: Path, *args, budget_s: float = BUDGET_S, tiny=TINY) -> list:
+    return [ns("certsdf-bench"), suite, "--results-dir", results, "--budget-s", budget_s, *args, *tiny]
+
+
+# certsdf's own budget: a short warm-up, so that the plan is made inside a budget of a few steps even on a
+# loaded machine (the default waits for the density map's 40-step warm-up and times 20 steps more).
+OWN_BUDGET_S = 20.0
+OWN_BUDGET_TINY = [a + " --budget-warmup-steps 4 --budget-timing-steps 2" if str(a).startswith("certsdf:") else a for a in TINY]
+
+
+@pytest.fixture(scope="module")
+def bench_runs(tiny_scene: Path, tmp_path_factory) -> Dict[str, Tuple[Future, Path]]:
+    """The module's four `certsdf-bench` runs, started together and run two at a time: each spends most
+    of its CPU importing nerfstudio in its trainings and evaluations, on one core. name -> (future of the
+    finished process, the suite's results folder)."""
+    methods = ["certsdf", "nerfacto"] + ([] if torch.cuda.is_available() else ["instant-ngp"])
+    runs = {
+        "speed": ("speed", ["--scene", tiny_scene, "--methods", *methods, "--trial.eval-points", "1"], {}),
+        "quality": ("quality", ["--scene-names", tiny_scene, "--methods", "certsdf", "--trial.eval-points", "1"], {}),
+        "own_budget": (
+            "quality",
+            ["--scene-names", tiny_scene, "--methods", "certsdf", "--trial.eval-points", "1",
+             "--trial.own-budget", "certsdf", "--trial.no-evaluate-first"],
+            {"budget_s": OWN_BUDGET_S, "tiny": OWN_BUDGET_TINY},
+        ),
+        "sigma": (
+            "sigma",
+            ["--scene", tiny_scene, "--sigmas", "--anneal", "4", "1", "--anneal-steps", "5",
+             "--certify.surface-samples", "100000", "--certify.n-points", "5000"],
+            {},
+        ),
+    }  # fmt: skip
+    folders = {name: tmp_path_factory.mktemp(f"bench_{name}") for name in runs}
+    futures = start_cli_runs(
+        {name: (_bench_args(suite, folders[name], *args, **kw), {"timeout": 900}) for name, (suite, args, kw) in runs.items()}
+    )
+    return {name: (futures[name], folders[name] / suite) for name, (suite, _, _) in runs.items()}
+
+
+def _bench(bench_runs: Dict[str, Tuple[Future, Path]], name: str) -> Path:
+    """The results folder of one of the module's bench runs, once it ended well."""
+    future, folder = bench_runs[name]
+    proc = future.result()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return results / suite
+    return folder
 
 
 def _rows(path: Path) -> list:
@@ -71,10 +114,8 @@ def _assert_budgeted_run(record: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def speed_results(tiny_scene: Path, tmp_path_factory) -> Path:
-    methods = ["certsdf", "nerfacto"] + ([] if torch.cuda.is_available() else ["instant-ngp"])
-    return _bench("speed", tmp_path_factory.mktemp("bench"), "--scene", tiny_scene, "--methods", *methods,
-                  "--trial.eval-points", "1")  # fmt: skip
+def speed_results(bench_runs) -> Path:
+    return _bench(bench_runs, "speed")
 
 
 def test_speed_suite_runs_certsdf_and_nerfacto(speed_results: Path, tiny_scene: Path) -> None:
@@ -109,9 +150,8 @@ def test_cuda_only_methods_are_reported_not_dropped(speed_results: Path, tiny_sc
     assert rows["instant-ngp"]["status"] == "skipped"
 
 
-def test_quality_suite_tracks_images_and_meshes(tiny_scene: Path, tmp_path_factory) -> None:
-    out = _bench("quality", tmp_path_factory.mktemp("bench"), "--scene-names", tiny_scene, "--methods", "certsdf",
-                 "--trial.eval-points", "1")  # fmt: skip
+def test_quality_suite_tracks_images_and_meshes(bench_runs, tiny_scene: Path) -> None:
+    out = _bench(bench_runs, "quality")
     record = json.loads((out / f"certsdf_{tiny_scene.name}.json").read_text())
     _assert_budgeted_run(record)
     meshes = record["meshes"]
@@ -129,17 +169,12 @@ def test_quality_suite_tracks_images_and_meshes(tiny_scene: Path, tmp_path_facto
     assert "| test PSNR |" in md and f"| {record['evaluations'][-1]['psnr']:.2f} |" in md
 
 
-def test_certsdf_with_its_own_budget_plans_and_stops_itself(tiny_scene: Path, tmp_path_factory) -> None:
+def test_certsdf_with_its_own_budget_plans_and_stops_itself(bench_runs, tiny_scene: Path) -> None:
     """`--trial.own-budget certsdf`: certsdf gets the budget as --max-train-minutes (as the plain command on
     CPU), plans its schedules, stops by itself and saves; with --trial.no-evaluate-first only that last
     checkpoint is evaluated, view by view."""
-    # A short warm-up, so that the plan is made inside a budget of a few steps even on a loaded machine
-    # (the default waits for the density map's 40-step warm-up and times 20 steps more).
-    budget_s = 20.0
-    tiny = [a + " --budget-warmup-steps 4 --budget-timing-steps 2" if str(a).startswith("certsdf:") else a for a in TINY]
-    out = _bench("quality", tmp_path_factory.mktemp("bench"), "--scene-names", tiny_scene, "--methods", "certsdf",
-                 "--trial.eval-points", "1", "--trial.own-budget", "certsdf", "--trial.no-evaluate-first",
-                 budget_s=budget_s, tiny=tiny)  # fmt: skip
+    budget_s = OWN_BUDGET_S
+    out = _bench(bench_runs, "own_budget")
     record = json.loads((out / f"certsdf_{tiny_scene.name}.json").read_text())
     tr = record["training"]
     assert record["status"] == "ok" and record["own_budget"], record["reason"]
@@ -167,14 +202,12 @@ def test_own_budget_is_certsdf_only() -> None:
         TrialOptions(own_budget=("tensorf",))
 
 
-def test_sigma_suite_annealed_row(tiny_scene: Path, tmp_path_factory) -> None:
+def test_sigma_suite_annealed_row(bench_runs) -> None:
     """One annealed σ row (fixed rows are the same code with start = end; certsdf's default σ is
     fixed and runs in the other suites): σ replayed on load, certificate numbers, plots."""
     from certsdf_ns.certified import annealed
 
-    out = _bench("sigma", tmp_path_factory.mktemp("bench"), "--scene", tiny_scene, "--sigmas",
-                 "--anneal", "4", "1", "--anneal-steps", "5", "--certify.surface-samples", "100000",
-                 "--certify.n-points", "5000")  # fmt: skip
+    out = _bench(bench_runs, "sigma")
     rows = {r["label"]: r for r in _rows(out / "summary.csv")}
     assert set(rows) == {"anneal4to1"} and rows["anneal4to1"]["annealed"] == "True"
     record = json.loads((out / f"{rows['anneal4to1']['run']}.json").read_text())

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Tuple
 
 import pytest
 import torch
-import yaml
 from nerfstudio.data.scene_box import SceneBox
 
-from conftest import ns, run_cli
+from conftest import ns, run_cli, start_cli_runs
 
 from certsdf_ns.method.model import CertSDFModelConfig
 from certsdf_ns.training.budget import SchedulePlan, planned_total_steps
@@ -44,14 +44,38 @@ def scene(tmp_path_factory) -> Path:
     return make_scene(tmp_path_factory.mktemp("budget") / "scene", image_size=24, n_train=8, n_val=2, n_test=2)
 
 
-def train(scene: Path, out: Path, *extra) -> str:
-    proc = run_cli(
-        [ns("ns-train"), "certsdf", "--data", scene, "--output-dir", out, "--experiment-name", "b",
-         "--timestamp", "t", *ARGS, *extra],
-        timeout=600,
-    )  # fmt: skip
+def train_args(scene: Path, out: Path, *extra) -> list:
+    return [ns("ns-train"), "certsdf", "--data", scene, "--output-dir", out, "--experiment-name", "b",
+            "--timestamp", "t", *ARGS, *extra]  # fmt: skip
+
+
+def finished(proc) -> str:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
+
+
+def train(scene: Path, out: Path, *extra) -> str:
+    return finished(run_cli(train_args(scene, out, *extra), timeout=600))
+
+
+RESUME_BUDGET_MIN = 0.4  # 24 s
+
+
+@pytest.fixture(scope="module")
+def first_runs(scene: Path, tmp_path_factory) -> Dict[str, Tuple[Future, Path]]:
+    """The module's runs that need no other run, started together, two at a time (budgets are time of
+    training, which each run measures itself): name -> (future of the finished process, output folder)."""
+    runs = {
+        "budget": ["--max-train-minutes", BUDGET_MIN],
+        # Stopped early by the step limit; test_resume_trains_only_the_time_left resumes it.
+        "resume": ["--max-train-minutes", RESUME_BUDGET_MIN, "--max-num-iterations", 4],
+    }
+    if not torch.cuda.is_available():  # the CPU default applies without CUDA
+        # The plain command, with the CPU default budget shortened to keep the test fast.
+        runs["plain"] = ["--cpu-default-minutes", 0.05]
+    outs = {name: tmp_path_factory.mktemp(name) for name in runs}
+    futures = start_cli_runs({name: (train_args(scene, outs[name], *extra), {"timeout": 600}) for name, extra in runs.items()})
+    return {name: (futures[name], outs[name]) for name in runs}
 
 
 def checkpoints(run: Path) -> Dict[int, Dict]:
@@ -62,10 +86,9 @@ def checkpoints(run: Path) -> Dict[int, Dict]:
 
 
 @pytest.fixture(scope="module")
-def budget_run(scene: Path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("out")
-    stdout = train(scene, out, "--max-train-minutes", BUDGET_MIN)
-    return out / "b" / "certsdf" / "t", stdout
+def budget_run(first_runs):
+    future, out = first_runs["budget"]
+    return out / "b" / "certsdf" / "t", finished(future.result())
 
 
 def test_budget_stops_on_time_with_a_loadable_checkpoint(budget_run, tmp_path: Path) -> None:
@@ -99,15 +122,16 @@ def test_config_records_the_fitted_anneal(budget_run) -> None:
     assert math.isclose(stretch, plan.stretch(30_000))
 
 
-def test_resume_trains_only_the_time_left(scene: Path, tmp_path: Path) -> None:
-    budget_min = 0.4  # 24 s
+def test_resume_trains_only_the_time_left(scene: Path, first_runs) -> None:
+    budget_min = RESUME_BUDGET_MIN
     # Stopped early by the step limit, then resumed with the same budget and no step limit.
-    first = train(scene, tmp_path, "--max-train-minutes", budget_min, "--max-num-iterations", 4)
-    run = tmp_path / "b" / "certsdf" / "t"
+    future, out = first_runs["resume"]
+    first = finished(future.result())
+    run = out / "b" / "certsdf" / "t"
     before = checkpoints(run)
     spent = before[max(before)][SECONDS_KEY]
     assert "time budget reached" not in first and spent < 60 * budget_min - TOLERANCE_S
-    resumed = train(scene, tmp_path, "--max-train-minutes", budget_min, "--load-dir", run / "nerfstudio_models")
+    resumed = train(scene, out, "--max-train-minutes", budget_min, "--load-dir", run / "nerfstudio_models")
     assert f"{spent / 60:.3g} min already spent" in resumed
     after = checkpoints(run)
     final = after[max(after)]
@@ -190,11 +214,10 @@ def test_cpu_default_budget_applies_only_to_the_plain_command() -> None:
     assert budget(max_train_minutes=5.0) == 5.0
 
 
-def test_plain_command_states_the_cpu_default(scene: Path, tmp_path: Path) -> None:
+def test_plain_command_states_the_cpu_default(first_runs) -> None:
     if torch.cuda.is_available():
         pytest.skip("the CPU default applies without CUDA")
-    # The plain command, with the default budget shortened to keep the test fast.
-    stdout = train(scene, tmp_path, "--cpu-default-minutes", 0.05)
+    stdout = finished(first_runs["plain"][0].result())
     (line,) = [l for l in stdout.splitlines() if l.startswith("[certsdf] plan:")]
     assert "train for 0.05 min of training time (the CPU default) or 30000 steps" in line
     assert "time budget reached" in stdout

@@ -47,6 +47,7 @@ from certsdf_ns.errors import CertSDFInputError, exit_cleanly
 from certsdf_ns.method.background import background_start, build_background_field
 from certsdf_ns.method.checkpoint_fit import fit_message, fit_problems
 from certsdf_ns.method.field import CertSDFField, CertSDFFieldConfig
+from certsdf_ns.method.grid_losses import occupancy_regularisers
 from certsdf_ns.method.sdf_outputs import ray_sdf_outputs
 
 
@@ -664,11 +665,12 @@ class CertSDFModel(Model):
             cfg = self.config
             occ = self.field.geometry.occupancy()
             loss["fill_loss"] = cfg.fill_loss_mult * outputs["fill_loss"]
-            if cfg.binary_loss_mult > 0:
-                loss["binary_loss"] = cfg.binary_loss_mult * (occ * (1.0 - occ)).mean()
-            if cfg.tv_loss_mult > 0:
-                tv = sum((occ.diff(dim=d) ** 2).mean() for d in range(3))
-                loss["tv_loss"] = cfg.tv_loss_mult * tv
+            if cfg.binary_loss_mult > 0 or cfg.tv_loss_mult > 0:
+                binary, tv = occupancy_regularisers(occ)
+                if cfg.binary_loss_mult > 0:
+                    loss["binary_loss"] = cfg.binary_loss_mult * binary
+                if cfg.tv_loss_mult > 0:
+                    loss["tv_loss"] = cfg.tv_loss_mult * tv
             target = foreground_target(batch, image)
             if cfg.alpha_loss_mult > 0 and target is not None:
                 accumulation = outputs["accumulation"].clamp(1e-5, 1.0 - 1e-5)
