@@ -11,10 +11,10 @@ import os
 import socket
 import subprocess
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import pytest
 
@@ -111,12 +111,48 @@ def _trained_run_started(tiny_scene: Path, tmp_path_factory) -> Tuple[Future, Pa
     return start_cli_runs({"train": (args, {"timeout": 1200})})["train"], out, steps
 
 
+# Runs that test modules declare at import (`early_run`), started in a second lane once the shared
+# run has ended: module name -> {run name: factory(folder) -> (CLI arguments, run_cli kwargs, payload)}.
+_EARLY: Dict[str, Dict[str, Callable[[Path], Tuple[Sequence, Dict, Any]]]] = {}
+_EARLY_STARTED: Dict[str, Future] = {}
+
+
+def early_run(name: str, factory: Callable[[Path], Tuple[Sequence, Dict, Any]]) -> None:
+    """Declare, at a test module's import, a CLI run its tests need: when a test of that module is
+    selected, the run starts during the session, after the shared run, one early run at a time, on the
+    core the other tests leave idle while they wait for a single process. ``factory(folder)`` returns
+    (arguments, run_cli keyword arguments, payload for the test); it runs in that lane, so it may
+    prepare files (and skip: the skip reaches the test)."""
+    module = sys._getframe(1).f_globals["__name__"]
+    _EARLY.setdefault(module, {})[name] = factory
+
+
+def early_result(name: str) -> Tuple[subprocess.CompletedProcess, Any]:
+    """The finished early run `name` and its payload (waits for it)."""
+    return _EARLY_STARTED[name].result()
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _shared_run_starts_with_the_session(request) -> None:
+def _shared_run_starts_with_the_session(request, tmp_path_factory) -> None:
     """When a selected test uses `trained_run`, its training starts with the session, beside the first
-    test files (on a second core, when there is one) rather than when its first user comes."""
+    test files (on a second core, when there is one) rather than when its first user comes. The
+    selected modules' early runs follow it in a lane of their own."""
+    shared = None
     if any("trained_run" in getattr(item, "fixturenames", ()) for item in request.session.items):
-        request.getfixturevalue("_trained_run_started")
+        shared = request.getfixturevalue("_trained_run_started")[0]
+    modules = {item.module.__name__ for item in request.session.items if getattr(item, "module", None)}
+    lane = ThreadPoolExecutor(max_workers=1)
+
+    def run(name: str, factory) -> Tuple[subprocess.CompletedProcess, Any]:
+        if shared is not None:
+            wait([shared])
+        args, kwargs, payload = factory(tmp_path_factory.mktemp(f"early_{name}"))
+        return run_cli(args, **kwargs), payload
+
+    for module in sorted(modules & set(_EARLY)):
+        for name, factory in _EARLY[module].items():
+            _EARLY_STARTED[name] = lane.submit(run, name, factory)
+    lane.shutdown(wait=False)
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ import torch
 import trimesh
 from PIL import Image
 
-from conftest import ns, run_cli
+from conftest import early_result, early_run, ns, run_cli
 from test_real_data import REAL, require_real, small_cup, small_fruit
 
 from certsdf_ns.bench.methods import TrainSettings
@@ -209,11 +209,19 @@ TINY = [  # 20 s: enough steps for a surface (IoU ~0.85 idle) also when the mach
 ]  # fmt: skip
 
 
-def test_real_suite_on_a_small_dtu_copy(dtu10: Path, tmp_path: Path) -> None:
-    results = tmp_path / "bench"
+def _real_suite(folder: Path):
+    require_real()
+    dtu10, results = small_dtu10(folder / "dtu10"), folder / "bench"
     args = [ns("certsdf-bench"), "real", "--scene-names", "dtu_masks", "--methods", "certsdf", "--data.dtu", dtu10,
             "--scale", "0.5", "--results-dir", results, *TINY]  # fmt: skip
-    proc = run_cli(args, timeout=600)
+    return args, {"timeout": 600}, (args, results)
+
+
+early_run("real_suite", _real_suite)
+
+
+def test_real_suite_on_a_small_dtu_copy() -> None:
+    proc, (args, results) = early_result("real_suite")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = results / "real"
     record = json.loads((out / "certsdf_dtu_masks.json").read_text())

@@ -15,17 +15,22 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from conftest import ns, run_cli, warning_lines
+from conftest import early_result, early_run, ns, warning_lines
 
 from certsdf_ns.demo import PANEL
 
 
-def test_demo_prints_its_metrics_writes_the_picture_and_no_warnings(tmp_path: Path) -> None:
-    proc = run_cli(
-        [ns("certsdf-demo"), "--scene-dir", "scene", "--output-dir", "outputs", "--picture", "demo.png",
-         "--image-size", 32, "--steps", 60, "--grid-resolution", 32, "--rays", 512],
-        timeout=600, cwd=tmp_path, env_extra={"PYTHONWARNINGS": None},
-    )  # fmt: skip
+def _demo(folder: Path):
+    args = [ns("certsdf-demo"), "--scene-dir", "scene", "--output-dir", "outputs", "--picture", "demo.png",
+            "--image-size", 32, "--steps", 60, "--grid-resolution", 32, "--rays", 512]  # fmt: skip
+    return args, {"timeout": 600, "cwd": folder, "env_extra": {"PYTHONWARNINGS": None}}, folder
+
+
+early_run("demo", _demo)
+
+
+def test_demo_prints_its_metrics_writes_the_picture_and_no_warnings() -> None:
+    proc, tmp_path = early_result("demo")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert warning_lines(out) == []
