@@ -123,8 +123,7 @@ def early_run(name: str, factory: Callable[[Path], Tuple[Sequence, Dict, Any]]) 
     core the other tests leave idle while they wait for a single process. ``factory(folder)`` returns
     (arguments, run_cli keyword arguments, payload for the test); it runs in that lane, so it may
     prepare files (and skip: the skip reaches the test)."""
-    module = sys._getframe(1).f_globals["__name__"]
-    _EARLY.setdefault(module, {})[name] = factory
+    _EARLY.setdefault(factory.__module__, {})[name] = factory
 
 
 def early_result(name: str) -> Tuple[subprocess.CompletedProcess, Any]:
