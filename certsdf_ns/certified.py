@@ -92,6 +92,24 @@ def smooth_occupancy(
     return separable_apply(occupancy, tuple(k.to(occupancy.dtype) for k in kernels))  # type: ignore[arg-type]
 
 
+def row_block(kernel: Float[Tensor, "R R"], rows: Tuple[int, int]) -> Tuple[int, int]:
+    """The source rows [lo, hi) that one axis's smoothing matrix reaches from its output rows [a, b):
+    the columns of ``kernel[a:b]`` holding a non-zero mass (the matrix drops masses below 1e-12)."""
+    a, b = rows
+    reached = torch.nonzero(kernel[a:b].ne(0).any(dim=0))[:, 0]
+    return (int(reached[0]), int(reached[-1]) + 1) if reached.numel() else (a, a)
+
+
+def row_slabs(num: int, parts: int) -> List[Tuple[int, int]]:
+    """[a, b) of each of ``parts`` consecutive slabs of ``num`` rows, as equal as can be (the first ones
+    one row larger); a slab may be empty when there are more parts than rows."""
+    size, extra = divmod(num, parts)
+    bounds = [0]
+    for i in range(parts):
+        bounds.append(bounds[-1] + size + (1 if i < extra else 0))
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def sigma_problems(sigma: float, voxel: float, extent: float) -> List[str]:
     """Why a σ (world units) is geometrically useless on a grid with this voxel and box extent.
 
@@ -299,6 +317,28 @@ class CertifiedSDFGrid(nn.Module):
         # would keep ~3 digits, and Φ⁻¹ near the clamp turns that into SDF errors of order σ.
         with torch.autocast(device_type=self.logits.device.type, enabled=False):
             return smooth_occupancy(self.occupancy().float(), kernels)  # type: ignore[arg-type]
+
+    def sdf_rows(self, rows: Tuple[int, int]) -> Float[Tensor, "rows Y Z"]:
+        """Certified SDF at the nodes of x-rows [a, b), differentiable w.r.t. the logits: the exact
+        smoothing of every cell it depends on (the x-rows its kernel reaches), the rest untouched.
+
+        The rows of :meth:`sdf_grid`, to float rounding: one slab of a grid whose smoothing is shared
+        among several processes (each computes its rows, then they exchange them)."""
+        a, b = rows
+        kernels = tuple(k.to(self.logits.device) for k in self._kernels)
+        lo, hi = row_block(kernels[0], rows)
+        occ = torch.sigmoid(self.logits[lo:hi])
+        if self.support is not None:
+            occ = occ * self.support[lo:hi]
+        with torch.autocast(device_type=self.logits.device.type, enabled=False):
+            p_hat = separable_apply(occ.float(), (kernels[0][a:b, lo:hi], kernels[1], kernels[2]))
+        return certified_sdf_from_smoothed(p_hat, self._sigma, self.eps)
+
+    def occupancy_rows(self, rows: Tuple[int, int]) -> Float[Tensor, "rows Y Z"]:
+        """:meth:`occupancy` at the nodes of x-rows [a, b) alone."""
+        a, b = rows
+        occ = torch.sigmoid(self.logits[a:b])
+        return occ if self.support is None else occ * self.support[a:b]
 
     def sdf_grid(self) -> Float[Tensor, "X Y Z"]:
         """Certified SDF at every node, differentiable w.r.t. the logits.

@@ -27,6 +27,7 @@ from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttrib
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 
 from certsdf_ns.export import ns_export_compat
+from certsdf_ns.method.model import GridShards
 from certsdf_ns.training import distributed
 from certsdf_ns.viewer.controls import CertSDFViewerControls, ViewerControlsConfig
 
@@ -38,6 +39,8 @@ class CertSDFPipelineConfig(VanillaPipelineConfig):
     _target: Type = field(default_factory=lambda: CertSDFPipeline)
     viewer_panel: ViewerControlsConfig = field(default_factory=ViewerControlsConfig)
     """The certsdf panel in the viewer (σ/s sliders, SDF slice, mesh, preview budget)."""
+    shard_grid: bool = True
+    """With several processes, each smooths and regularises its slab of the grid and they exchange the SDF (False: each does the whole grid)."""
 
 
 class CertSDFPipeline(VanillaPipeline):
@@ -59,6 +62,8 @@ class CertSDFPipeline(VanillaPipeline):
         super().__init__(config, device, test_mode, 1, local_rank, grad_scaler)
         self.world_size = world_size
         if world_size > 1:
+            if config.shard_grid:
+                self.model.set_grid_shards(GridShards(distributed.rank(), world_size, distributed.gather_rows))
             self._model = distributed.wrap_model(self._model, device, local_rank)
         ns_export_compat.patch_loaded_exporter()
         self.viewer_controls = CertSDFViewerControls(self.model, config.viewer_panel)

@@ -259,3 +259,37 @@ def test_probit_gradient_is_autograds() -> None:
         with torch.no_grad():
             torch.testing.assert_close(probit(p), math.sqrt(2.0) * torch.special.erfinv(2.0 * p - 1.0), rtol=0, atol=0)
         torch.testing.assert_close(a.grad, b.grad, rtol=tol, atol=0)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 5, 40])
+@pytest.mark.parametrize("support", [False, True])
+def test_slabs_of_rows_give_the_whole_grids_sdf_and_gradient(parts: int, support: bool) -> None:
+    """Each process of a sharded run smooths its slab of x-rows from the occupancy its kernel reaches:
+    the slabs together are the whole grid's SDF, and their gradients add up to the whole grid's (also
+    with a support ball, more parts than rows, and σ wide enough that a slab reaches past its neighbour)."""
+    from certsdf_ns.certified import row_block, row_slabs
+
+    torch.manual_seed(1)
+    grid = CertifiedSDFGrid((37, 11, 13), sigma=0.15, support_sphere=((0.1, 0.0, 0.0), 0.8) if support else None)
+    with torch.no_grad():
+        grid.logits.copy_(torch.randn(grid.resolution) * 3)
+    weights = torch.randn(grid.resolution)
+    whole = grid.sdf_grid()
+    (whole * weights).sum().backward()
+    expected = grid.logits.grad.clone()
+    grid.logits.grad = None
+    slabs = row_slabs(37, parts)
+    assert slabs[0][0] == 0 and slabs[-1][1] == 37 and all(a1 == b0 for (_, b0), (a1, _) in zip(slabs, slabs[1:]))
+    assert max(b - a for a, b in slabs) - min(b - a for a, b in slabs) <= 1
+    rows = [grid.sdf_rows(s) for s in slabs]
+    torch.testing.assert_close(torch.cat(rows), whole.detach(), rtol=0, atol=1e-5)
+    sum((r * weights[a:b]).sum() for r, (a, b) in zip(rows, slabs)).backward()
+    torch.testing.assert_close(grid.logits.grad, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    # A slab reads (and sends gradient to) the rows its kernel reaches, and no other.
+    grid.sigma = 0.05  # 0.9 voxel: the first half of the rows does not reach the last ones
+    grid.logits.grad = None
+    grid.sdf_rows((0, 18)).sum().backward()
+    touched = torch.nonzero(grid.logits.grad.abs().sum(dim=(1, 2)))[:, 0]
+    lo, hi = row_block(grid._kernels[0], (0, 18))
+    assert lo <= int(touched.min()) and int(touched.max()) < hi and (support or int(touched.max()) == hi - 1)
+    assert 18 < int(touched.max()) < 36

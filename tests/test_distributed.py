@@ -119,6 +119,63 @@ def test_resumed_run_continues_and_a_budget_stops_both_ranks_at_one_step(run_a, 
     assert PLAN_KEY in state and len(state[RANK_RNG_KEY]) == 2
 
 
+def _step_gradients(rank: int, data: Path, port: int, out: Path) -> None:
+    """One training step's logits gradient through DDP, on the same rays, with the grid's smoothing
+    shared among the two processes and with each process smoothing the whole grid (in a spawned process)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from certsdf_ns.method.model import GridShards
+    from certsdf_ns.method_config import certsdf_trainer_config
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank, timeout=timedelta(minutes=2))
+    torch.manual_seed(42 + rank)
+    config = copy.deepcopy(certsdf_trainer_config)
+    config.pipeline.datamanager.data = data
+    config.pipeline.datamanager.train_num_rays_per_batch = 256
+    model_config = config.pipeline.model
+    model_config.grid_resolution, model_config.hash_log2_size, model_config.hash_max_res = 37, 12, 128  # uneven slabs
+    pipeline = config.pipeline.setup(device="cpu", test_mode="val", world_size=2, local_rank=rank)
+    model = pipeline.model
+    assert model._shards is not None and model._shards.part == rank  # the pipeline shares the grid by default
+    generator = torch.Generator().manual_seed(0)  # the same grid on both ranks, with a surface somewhere
+    with torch.no_grad():
+        model.field.geometry.logits.copy_(3.0 * torch.randn(model.field.geometry.resolution, generator=generator))
+    pipeline.train()
+    model.set_schedule_step(30)
+    ray_bundle, batch = pipeline.datamanager.next_train(30)  # each rank its own rays
+    grads = []
+    for shards in (model._shards, None):
+        model.set_grid_shards(shards)
+        torch.manual_seed(7 + rank)  # the same PDF samples both ways
+        loss = model.get_loss_dict(pipeline._model(ray_bundle), batch)  # forward through DDP
+        sum(loss.values()).backward()  # the gradient all-reduce
+        grads.append(model.field.geometry.logits.grad.clone())
+        pipeline._model.zero_grad()
+    torch.save(grads, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_shared_grid_gives_every_rank_the_whole_grids_gradient(scene: Path, tmp_path: Path) -> None:
+    """Each process smooths and regularises its slab of the grid's rows, the processes exchange the node
+    SDF, and the step's gradient is the one of every process smoothing the whole grid, on every rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_step_gradients, args=(scene, port, tmp_path), nprocs=2)
+    (shared0, whole0), (shared1, whole1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert float(whole0.abs().max()) > 0
+    torch.testing.assert_close(shared0, whole0, rtol=1e-4, atol=1e-5 * float(whole0.abs().max()))
+    torch.testing.assert_close(shared1, shared0, rtol=0, atol=0)  # DDP: every rank the same gradient
+    torch.testing.assert_close(whole1, whole0, rtol=0, atol=0)
+
+
 def test_a_failed_rank_ends_the_run_with_a_message(scene: Path, tmp_path: Path, capfd, monkeypatch) -> None:
     """Rank 1 raises at step 5: the launcher stops rank 0 (blocked in the gradient all-reduce), says
     which process failed and why, and the checkpoint saved at step 4 is complete."""

@@ -95,3 +95,25 @@ def test_occupancy_regularisers_match_autograd_in_value_and_gradient() -> None:
     torch.testing.assert_close(tv, ref_tv.detach(), rtol=1e-14, atol=0)
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-15)
     assert torch.autograd.gradcheck(lambda x: torch.stack(occupancy_regularisers(x)), torch.rand(4, 3, 5, dtype=torch.float64, requires_grad=True))
+
+
+@pytest.mark.parametrize("parts", [2, 3, 7])
+def test_occupancy_regularisers_of_slabs_add_up_to_the_whole_grids(parts: int) -> None:
+    """A sharded run's processes each regularise a slab of x-rows (plus the next row, for the differences
+    across its far face): the slabs' terms and gradients add up to the whole grid's."""
+    from certsdf_ns.certified import row_slabs
+    from certsdf_ns.method.grid_losses import occupancy_regularisers
+
+    torch.manual_seed(2)
+    occ = torch.rand(7, 5, 9, dtype=torch.float64)
+    a = occ.clone().requires_grad_()
+    whole = torch.stack(occupancy_regularisers(a))
+    whole.sum().backward()
+    b = occ.clone().requires_grad_()
+    total = torch.zeros(2, dtype=torch.float64)
+    for lo, hi in row_slabs(7, parts):
+        if hi > lo:
+            total = total + torch.stack(occupancy_regularisers(b[lo : min(hi + 1, 7)], own=hi - lo, shape=(7, 5, 9)))
+    total.sum().backward()
+    torch.testing.assert_close(total, whole.detach(), rtol=1e-13, atol=0)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-15)

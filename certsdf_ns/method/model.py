@@ -38,6 +38,7 @@ from certsdf_ns.certified import (
     band_brick_distance,
     band_distance,
     band_interval,
+    row_slabs,
     sample_grid,
     unbiased_alphas,
 )
@@ -86,6 +87,19 @@ def psnr_inside(pred: Float[Tensor, "H W 3"], gt: Float[Tensor, "H W 3"], mask: 
         return float("nan")
     mse = ((pred[inside] - gt[inside]) ** 2).mean().clamp_min(1e-10)
     return float(-10.0 * torch.log10(mse))
+
+
+@dataclass(frozen=True)
+class GridShards:
+    """How several training processes share the grid's whole-grid work (``ns-train --machine.num-devices N``).
+
+    Process ``part`` of ``parts`` smooths the x-rows ``certified.row_slabs(X, parts)[part]`` of the grid
+    and regularises them; ``gather`` hands every process the whole node SDF from every process's rows
+    (a collective, differentiable: its backward sums each slab's gradient over the processes)."""
+
+    part: int
+    parts: int
+    gather: Callable[[Tensor, List[Tuple[int, int]]], Tensor]
 
 
 @dataclass
@@ -190,6 +204,7 @@ class CertSDFModel(Model):
         self._step: Optional[int] = None  # None: no schedule ran yet (a model built outside training)
         self._smoothing_override: Tuple[Optional[float], Optional[float]] = (None, None)  # voxels
         self._budget_hook: Optional[Callable[[SampleBudget], SampleBudget]] = None
+        self._shards: Optional[GridShards] = None
         metadata = self.kwargs.get("metadata", {})
         self.region = self._region(metadata)
         self.field = CertSDFField(
@@ -351,6 +366,25 @@ class CertSDFModel(Model):
         the camera moves); None renders with the configured budget."""
         self._budget_hook = hook
 
+    def set_grid_shards(self, shards: Optional[GridShards]) -> None:
+        """Share the grid's smoothing and regularisers in training among processes (see GridShards);
+        None: this process does the whole grid."""
+        self._shards = shards
+
+    def training_rows(self) -> Optional[Tuple[int, int]]:
+        """The x-rows of the grid this process smooths and regularises in a training step; None: all."""
+        if self._shards is None or not (self.training and torch.is_grad_enabled()):
+            return None
+        return row_slabs(self.field.geometry.resolution[0], self._shards.parts)[self._shards.part]
+
+    def node_sdf(self) -> Float[Tensor, "X Y Z"]:
+        """The certified SDF at every node, for this batch (differentiable while training)."""
+        geometry, rows = self.field.geometry, self.training_rows()
+        if rows is None:
+            return geometry.sdf_grid()
+        assert self._shards is not None
+        return self._shards.gather(geometry.sdf_rows(rows), row_slabs(geometry.resolution[0], self._shards.parts))
+
     def sample_budget(self) -> SampleBudget:
         cfg = self.config
         configured = SampleBudget(cfg.num_coarse_samples, cfg.num_fine_samples, cfg.colour_samples_per_ray)
@@ -368,7 +402,7 @@ class CertSDFModel(Model):
         return ray_bundle
 
     def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
-        sdf_grid = self.field.geometry.sdf_grid()  # once per batch; differentiable while training
+        sdf_grid = self.node_sdf()  # once per batch; differentiable while training
         budget = self.sample_budget()
         if self.config.sampler == "uniform":
             outputs = self.render_rays(ray_bundle, sdf_grid, budget)
@@ -663,10 +697,9 @@ class CertSDFModel(Model):
         loss = {"rgb_loss": F.mse_loss(pred_rgb, gt_rgb)}
         if self.training:
             cfg = self.config
-            occ = self.field.geometry.occupancy()
             loss["fill_loss"] = cfg.fill_loss_mult * outputs["fill_loss"]
             if cfg.binary_loss_mult > 0 or cfg.tv_loss_mult > 0:
-                binary, tv = occupancy_regularisers(occ)
+                binary, tv = self.grid_regularisers()
                 if cfg.binary_loss_mult > 0:
                     loss["binary_loss"] = cfg.binary_loss_mult * binary
                 if cfg.tv_loss_mult > 0:
@@ -676,6 +709,19 @@ class CertSDFModel(Model):
                 accumulation = outputs["accumulation"].clamp(1e-5, 1.0 - 1e-5)
                 loss["alpha_loss"] = cfg.alpha_loss_mult * F.binary_cross_entropy(accumulation, target.to(accumulation))
         return loss
+
+    def grid_regularisers(self) -> Tuple[Tensor, Tensor]:
+        """(binarisation, total variation) of the occupancy grid; with grid shards, this process's
+        slab's share times the number of processes (the gradient average over the processes then
+        gives the whole grid's gradient, and the value estimates the whole grid's)."""
+        geometry, rows = self.field.geometry, self.training_rows()
+        if rows is None:
+            return occupancy_regularisers(geometry.occupancy())
+        assert self._shards is not None
+        a, b = rows
+        block = geometry.occupancy_rows((a, min(b + 1, geometry.resolution[0])))
+        binary, tv = occupancy_regularisers(block, own=b - a, shape=geometry.resolution)
+        return binary * self._shards.parts, tv * self._shards.parts
 
     def get_rgba_image(self, outputs: Dict[str, Tensor], output_name: str = "rgb") -> Tensor:
         """Colour *not* composited on any background, with alpha = accumulation.

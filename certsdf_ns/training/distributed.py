@@ -30,11 +30,11 @@ import inspect
 import math
 import os
 import sys
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -192,6 +192,11 @@ def is_distributed() -> bool:
     return comms.get_world_size() > 1
 
 
+def rank() -> int:
+    """This process's rank among all processes (0 in one process)."""
+    return comms.get_rank()
+
+
 def wrap_model(model: nn.Module, device: str, local_rank: int) -> DDP:
     """The model in DistributedDataParallel, on CUDA or CPU (nerfstudio's own wrap passes
     `device_ids`, which DDP refuses for a CPU module). Unused parameters are allowed, as in
@@ -201,11 +206,58 @@ def wrap_model(model: nn.Module, device: str, local_rank: int) -> DDP:
     the config and the data (boxes, a corner table, and on real captures the region's R³ support
     mask, 28 MB at 192³, which DDP would otherwise send at every step)."""
     on_cuda = torch.device(device).type == "cuda"
-    ddp = DDP(
-        model, device_ids=[local_rank] if on_cuda else None, find_unused_parameters=True, broadcast_buffers=False
-    )
+    # torch ≥ 2.12 deprecates broadcast_buffers for forward_sync_buffers (which still syncs once at
+    # init: harmless here, every rank builds the same buffers).
+    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers": False}
+    ddp = DDP(model, device_ids=[local_rank] if on_cuda else None, find_unused_parameters=True, **no_sync)
     comms.synchronize()
     return ddp
+
+
+# torch ≥ 2.14 renames these two collectives (the old names warn); older versions have the old names only.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's slab of x-rows, concatenated in rank order; backward: each rank's slab of the
+    gradient summed over the ranks (every rank's rays reach every slab). One all-gather forward, one
+    reduce-scatter backward, on gloo and nccl alike. Slabs are padded to the largest one."""
+
+    @staticmethod
+    def forward(ctx, slab: Tensor, slabs: Tuple[Tuple[int, int], ...], part: int) -> Tensor:  # type: ignore[override]
+        size = max(b - a for a, b in slabs)
+        ctx.slabs, ctx.part, ctx.size = slabs, part, size
+        every = slab.new_empty(len(slabs) * size, *slab.shape[1:])
+        if slab.shape[0] == size:
+            _ALL_GATHER(every, slab.contiguous())
+        else:
+            padded = slab.new_zeros(size, *slab.shape[1:])
+            padded[: slab.shape[0]] = slab
+            _ALL_GATHER(every, padded)
+        if all(b - a == size for a, b in slabs):  # equal slabs (X divisible by the processes): no copy
+            return every
+        return torch.cat([every[i * size : i * size + (b - a)] for i, (a, b) in enumerate(slabs)])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        slabs, size = ctx.slabs, ctx.size
+        if all(b - a == size for a, b in slabs):
+            padded = grad.contiguous()
+        else:
+            padded = grad.new_zeros(len(slabs) * size, *grad.shape[1:])
+            for i, (a, b) in enumerate(slabs):
+                padded[i * size : i * size + (b - a)] = grad[a:b]
+        mine = grad.new_empty(size, *grad.shape[1:])
+        _REDUCE_SCATTER(mine, padded)
+        a, b = slabs[ctx.part]
+        return mine[: b - a], None, None
+
+
+def gather_rows(slab: Tensor, slabs: Sequence[Tuple[int, int]]) -> Tensor:
+    """The whole grid from every rank's ``slab`` (x-rows ``slabs[rank]``), with autograd: the
+    gradient that reaches each rank's slab is the sum of every rank's. A collective."""
+    return _GatherRows.apply(slab, tuple(tuple(s) for s in slabs), comms.get_rank())
 
 
 def from_rank_zero(values: Sequence[Optional[float]], device: Any) -> List[Optional[float]]:

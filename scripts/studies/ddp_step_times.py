@@ -6,7 +6,7 @@
 Builds the `ns-train certsdf` pipeline on DATA in each process (`--procs N`: N processes, one thread each,
 a gloo group, the model in DDP as under `ns-train --machine.num-devices N`), loads CKPT (a trained grid; `none`:
 the untrained fog from step 0) and times `--steps` training steps (data, forward, losses, backward with the
-gradient all-reduce, fused Adam). `--rays` is per process. Prints each rank's median CPU and wall time per step
+gradient all-reduce, fused Adam). `--rays` is per process. `--whole-grid`: every process smooths the whole grid (`--pipeline.shard-grid False`). Prints each rank's median CPU and wall time per step
 and rank 0's rays/s. On a shared machine compare CPU times: DDP waits for the slowest rank at every step, so
 other jobs slow N processes far more than one (docs/scale-out.md).
 """
@@ -37,6 +37,7 @@ def run(rank: int, args: argparse.Namespace, port: int) -> None:
     cfg = copy.deepcopy(certsdf_trainer_config)
     cfg.pipeline.datamanager.data = args.data
     cfg.pipeline.datamanager.train_num_rays_per_batch = args.rays
+    cfg.pipeline.shard_grid = not args.whole_grid
     for option in args.options:
         name, value = option.split("=")
         setattr(cfg.pipeline.model, name, type(getattr(cfg.pipeline.model, name))(value))
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=1)
     parser.add_argument("--rays", type=int, default=2048, help="training rays per step and process")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--whole-grid", action="store_true", help="every process smooths the whole grid (no grid shards)")
     parser.add_argument("options", nargs="*", help="model options, name=value (e.g. grid_resolution=64)")
     args = parser.parse_intermixed_args()
     if args.procs == 1:
