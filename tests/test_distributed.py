@@ -126,7 +126,6 @@ def _step_gradients(rank: int, data: Path, port: int, out: Path) -> None:
 
     import torch.distributed as dist
 
-    from certsdf_ns.method.model import GridShards
     from certsdf_ns.method_config import certsdf_trainer_config
 
     torch.set_num_threads(1)
