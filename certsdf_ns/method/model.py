@@ -120,8 +120,8 @@ class CertSDFModelConfig(ModelConfig, CertSDFFieldConfig):
     """s at step 0; annealed log-linearly to `sharpness_voxels` over `anneal_steps`."""
     anneal_steps: int = 1000
     """Length of the σ and s schedules, in steps."""
-    density_map: Literal["unbiased", "paper"] = "unbiased"
-    """How the SDF becomes opacity: 'unbiased' (NeuS's, T = ½ on the zero set) or 'paper' (Pérez S. et al.'s density)."""
+    density_map: Literal["unbiased", "paper"] = "paper"
+    """How the SDF becomes opacity: 'paper' (Pérez S. et al.'s density) or 'unbiased' (NeuS's, T = ½ on the zero set)."""
     unbiased_warmup_steps: Optional[int] = None
     """With density_map 'unbiased': steps on the paper map first, to form a surface. None: 20, or 100 with a background model."""
     unbiased_blend_steps: int = 20
@@ -156,7 +156,7 @@ class CertSDFModelConfig(ModelConfig, CertSDFFieldConfig):
     """Training background; 'random' composites RGBA targets on random colours, so semi-transparent fog is not free."""
     eval_background_color: Literal["white", "black"] = "white"
     """Background for rendering and metrics outside training (NeRF-synthetic is evaluated on white)."""
-    fill_loss_mult: float = 0.03
+    fill_loss_mult: float = 0.01
     """Weight of the occluded-space prior: occupancy is pulled towards 1 − T, which fills object interiors."""
     fill_carve_start_step: Optional[int] = None
     """Step from which the occluded-space prior also empties space before the first surface. None: 0, or 150 without alpha or masks."""
