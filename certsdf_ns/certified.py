@@ -293,8 +293,13 @@ class CertifiedSDFGrid(nn.Module):
 
     def occupancy(self) -> Float[Tensor, "X Y Z"]:
         """The base classifier at the nodes: sigmoid(logits), zero outside the support."""
-        occ = torch.sigmoid(self.logits)
-        return occ if self.support is None else occ * self.support
+        return self.occupancy_rows((0, self.resolution[0]))
+
+    def occupancy_rows(self, rows: Tuple[int, int]) -> Float[Tensor, "rows Y Z"]:
+        """:meth:`occupancy` at the nodes of x-rows [a, b) alone."""
+        a, b = rows
+        occ = torch.sigmoid(self.logits[a:b])
+        return occ if self.support is None else occ * self.support[a:b]
 
     @torch.no_grad()
     def set_occupancy(self, occ: Float[Tensor, "X Y Z"]) -> None:
@@ -310,35 +315,28 @@ class CertifiedSDFGrid(nn.Module):
         self._derived.clear()
 
     # -- smoothing and SDF at the nodes -------------------------------------------
-    def smoothed_occupancy_grid(self) -> Float[Tensor, "X Y Z"]:
-        """p̂ at every node: exact randomized smoothing of the voxel classifier."""
-        kernels = tuple(k.to(self.logits.device) for k in self._kernels)
-        # Autocast off: under fp16/bf16 autocast these matmuls would run in half precision, p̂
-        # would keep ~3 digits, and Φ⁻¹ near the clamp turns that into SDF errors of order σ.
-        with torch.autocast(device_type=self.logits.device.type, enabled=False):
-            return smooth_occupancy(self.occupancy().float(), kernels)  # type: ignore[arg-type]
-
-    def sdf_rows(self, rows: Tuple[int, int]) -> Float[Tensor, "rows Y Z"]:
-        """Certified SDF at the nodes of x-rows [a, b), differentiable w.r.t. the logits: the exact
-        smoothing of every cell it depends on (the x-rows its kernel reaches), the rest untouched.
-
-        The rows of :meth:`sdf_grid`, to float rounding: one slab of a grid whose smoothing is shared
-        among several processes (each computes its rows, then they exchange them)."""
+    def smoothed_occupancy_rows(self, rows: Tuple[int, int]) -> Float[Tensor, "rows Y Z"]:
+        """p̂ at the nodes of x-rows [a, b): the exact randomized smoothing of the voxel classifier, from
+        the occupancy rows the kernel reaches from them (the rest of the grid is not touched)."""
         a, b = rows
         kernels = tuple(k.to(self.logits.device) for k in self._kernels)
         lo, hi = row_block(kernels[0], rows)
-        occ = torch.sigmoid(self.logits[lo:hi])
-        if self.support is not None:
-            occ = occ * self.support[lo:hi]
+        # Autocast off: under fp16/bf16 autocast these matmuls would run in half precision, p̂
+        # would keep ~3 digits, and Φ⁻¹ near the clamp turns that into SDF errors of order σ.
         with torch.autocast(device_type=self.logits.device.type, enabled=False):
-            p_hat = separable_apply(occ.float(), (kernels[0][a:b, lo:hi], kernels[1], kernels[2]))
-        return certified_sdf_from_smoothed(p_hat, self._sigma, self.eps)
+            occ = self.occupancy_rows((lo, hi)).float()
+            return smooth_occupancy(occ, (kernels[0][a:b, lo:hi], kernels[1], kernels[2]))
 
-    def occupancy_rows(self, rows: Tuple[int, int]) -> Float[Tensor, "rows Y Z"]:
-        """:meth:`occupancy` at the nodes of x-rows [a, b) alone."""
-        a, b = rows
-        occ = torch.sigmoid(self.logits[a:b])
-        return occ if self.support is None else occ * self.support[a:b]
+    def smoothed_occupancy_grid(self) -> Float[Tensor, "X Y Z"]:
+        """p̂ at every node: exact randomized smoothing of the voxel classifier."""
+        return self.smoothed_occupancy_rows((0, self.resolution[0]))
+
+    def sdf_rows(self, rows: Tuple[int, int]) -> Float[Tensor, "rows Y Z"]:
+        """Certified SDF at the nodes of x-rows [a, b), differentiable w.r.t. the logits.
+
+        The rows of :meth:`sdf_grid`, to float rounding: one slab of a grid whose smoothing is shared
+        among several processes (each computes its rows, then they exchange them)."""
+        return certified_sdf_from_smoothed(self.smoothed_occupancy_rows(rows), self._sigma, self.eps)
 
     def sdf_grid(self) -> Float[Tensor, "X Y Z"]:
         """Certified SDF at every node, differentiable w.r.t. the logits.
@@ -346,12 +344,11 @@ class CertifiedSDFGrid(nn.Module):
         Without autograd the result is cached until the logits change (tracked through the
         parameter's in-place version counter, which the optimizer bumps) or σ changes.
         """
+        every = (0, self.resolution[0])
         if torch.is_grad_enabled() and self.logits.requires_grad:
-            return certified_sdf_from_smoothed(self.smoothed_occupancy_grid(), self._sigma, self.eps)
+            return self.sdf_rows(every)
         with torch.no_grad():
-            return self.derived(
-                "sdf", lambda: certified_sdf_from_smoothed(self.smoothed_occupancy_grid(), self._sigma, self.eps)
-            )
+            return self.derived("sdf", lambda: self.sdf_rows(every))
 
     # -- point queries ---------------------------------------------------------------
     def sdf(self, x: Float[Tensor, "N 3"], sdf_grid: Tensor | None = None) -> Float[Tensor, "N"]:

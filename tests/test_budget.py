@@ -194,10 +194,11 @@ def test_plan_is_timed_after_the_density_maps_warm_up() -> None:
                                pipeline=SimpleNamespace(model=SimpleNamespace(config=model)))  # fmt: skip
         return CertSDFTrainer.budget_timing_window(fake)
 
-    synthetic = CertSDFModelConfig(unbiased_warmup_steps=20)  # as the model resolves it without a background
+    # The unbiased map, resolved as the model does without a background (20) and with one (100).
+    synthetic = CertSDFModelConfig(density_map="unbiased", unbiased_warmup_steps=20)
     assert window(synthetic) == (40, 60)
-    assert window(CertSDFModelConfig(unbiased_warmup_steps=100)) == (120, 140)  # real captures
-    assert window(CertSDFModelConfig(density_map="paper")) == (2, 20)
+    assert window(CertSDFModelConfig(density_map="unbiased", unbiased_warmup_steps=100)) == (120, 140)
+    assert window(CertSDFModelConfig()) == (2, 20)  # the paper map (the default): no warm-up of its own
     assert window(synthetic, budget_warmup_steps=3) == (2, 3)
 
 
