@@ -443,3 +443,39 @@ def test_peer_export_command_selects_the_checkpoint() -> None:
     step, rest = _split_load_step(cmd[i + 1 :])
     assert step == 40 and rest[0] == "poisson" and "--bench-load-step" not in rest
     assert rest[rest.index("--num-points") + 1] == "1000" and rest[rest.index("--normal-method") + 1] == "open3d"
+
+
+@pytest.mark.parametrize("evaluation", ["ok", "failed", "raised"])
+def test_checkpoints_outlive_a_failed_evaluation(evaluation: str, tmp_path: Path, monkeypatch) -> None:
+    """The bench deletes a run's checkpoints once they are evaluated; a run whose evaluation failed keeps
+    them (and its record names them), so it can be evaluated again instead of trained again."""
+    from types import SimpleNamespace
+
+    from certsdf_ns.bench import trial
+    from certsdf_ns.bench.runner import Checkpoint, RunResult
+
+    ckpt = tmp_path / "step-000000010.ckpt"
+    ckpt.write_bytes(b"weights")
+    run = RunResult(method="certsdf", scene="s", run_name="r")
+    run.kept_checkpoints = [Checkpoint(step=10, path=str(ckpt), iterations=10, train_time_s=1.0, wall_time_s=1.0)]
+    monkeypatch.setattr(trial, "run_budgeted", lambda *args, **kwargs: run)
+
+    def evaluate(req, opts, run, out_dir, record, progress):
+        if evaluation == "raised":
+            raise RuntimeError("renderer crashed")
+        if evaluation == "failed":
+            record["status"], record["reason"] = "failed", "evaluation: config.yml not readable"
+
+    req = SimpleNamespace(spec=SimpleNamespace(name="certsdf"), scene=SimpleNamespace(path=tmp_path), budget_s=1.0, run_name="r")
+    opts = SimpleNamespace(grace_s=1.0, startup_timeout_s=1.0, evaluate_first=False, keep_checkpoints=False,
+                           runs_own_budget=lambda name: False)  # fmt: skip
+    record: dict = {}
+    if evaluation == "raised":
+        with pytest.raises(RuntimeError):
+            trial.train_and_evaluate(req, opts, None, [1.0], tmp_path, record, evaluate)
+    else:
+        trial.train_and_evaluate(req, opts, None, [1.0], tmp_path, record, evaluate)
+    assert ckpt.exists() == (evaluation != "ok")
+    assert ("checkpoints_kept" in record) == (evaluation != "ok")
+    if evaluation != "ok":
+        assert record["checkpoints_kept"] == [str(ckpt)]

@@ -140,14 +140,20 @@ def train_and_evaluate(req: TrialRequest, opts: TrialOptions, settings: TrainSet
     record["status"], record["reason"] = run.status, run.reason
     record["evaluations"], record["meshes"] = [], []
     t0 = time.perf_counter()
+    evaluated = False
     try:
         if run.status == "ok":
             evaluate(req, opts, run, out_dir, record, progress)
             record["evaluation_wall_s"] = time.perf_counter() - t0  # off the clock: renders + exports
+            evaluated = record["status"] == "ok"
     finally:
-        if not opts.keep_checkpoints:  # ~200 MB each; the JSON keeps what was measured
+        # ~200 MB each; the JSON keeps what was measured. A run that was not evaluated keeps them: it can
+        # be evaluated again (ns-eval, certsdf-export) instead of trained again.
+        if evaluated and not opts.keep_checkpoints:
             for c in run.kept_checkpoints:
                 Path(c.path).unlink(missing_ok=True)
+        elif not evaluated:
+            record["checkpoints_kept"] = [c.path for c in run.kept_checkpoints]
     return run
 
 
