@@ -17,6 +17,9 @@ step, so the parameters stay equal. What certsdf adds:
 - **One decision, every rank.** Whatever one process decides alone (the time budget's stop step
   and schedule plan, the viewer's σ/s on rank 0) goes to the others with :func:`from_rank_zero`:
   DDP's all-reduce hangs unless every process runs the same steps.
+- **Grid shards.** Each process smooths and regularises its slab of the grid's x-rows; :func:`gather_rows`
+  exchanges the slabs of the node SDF (all-gather forward, reduce-scatter backward), so the gradient is
+  the whole grid's while the smoothing's cost is divided (``--pipeline.shard-grid``, on by default).
 - **Failures.** When a process fails, nerfstudio's `launch` raises torch's ProcessException in
   the parent after stopping the others; :func:`prepare_launch` wraps `launch` so that this ends in
   one message naming the process and the checkpoints left (exit 2 when the process stopped on bad
