@@ -1,7 +1,7 @@
 """Where a certsdf training step goes: data, forward, losses, backward, optimizer (wall-clock, ms).
 
     OMP_NUM_THREADS=1 taskset -c 1 python scripts/studies/step_phases.py DATA [--scale 0.25] \
-        [--checkpoint CKPT --start-step N] [--rays 4096] [--warmup 5] [--steps 5] [--profile] [model_option=value ...]
+        [--checkpoint CKPT --start-step N] [--rays 4096] [--warmup 5] [--steps 5] [--profile] [--unmap-freed] [model_option=value ...]
 
 Builds the `ns-train certsdf` pipeline on DATA (camera-res-scale-factor --scale), optionally loads a
 checkpoint (so the grid is a trained one, not fog), runs `--warmup` untimed steps and then times
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from certsdf_ns.method_config import certsdf_trainer_config
+from certsdf_ns.training import heap
 
 PHASES = ("data", "forward", "losses", "backward", "optimizer")
 
@@ -35,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of the timed steps")
+    parser.add_argument("--unmap-freed", action="store_true", help="leave glibc's allocator as it is (the trainer's keep_freed_buffers False)")
     parser.add_argument("options", nargs="*")
     return parser.parse_intermixed_args()
 
@@ -42,6 +44,8 @@ def parse_args() -> argparse.Namespace:
 def build_pipeline(args: argparse.Namespace):
     """The `ns-train certsdf` pipeline on args.data with the given model options (and checkpoint), and its config."""
     cfg = copy.deepcopy(certsdf_trainer_config)
+    if not args.unmap_freed:
+        heap.keep_freed_buffers()  # as the trainer does on CPU
     cfg.pipeline.datamanager.data = args.data
     cfg.pipeline.datamanager.dataparser.data = args.data
     cfg.pipeline.datamanager.camera_res_scale_factor = args.scale
