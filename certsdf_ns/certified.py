@@ -314,6 +314,30 @@ class CertifiedSDFGrid(nn.Module):
         self.logits.copy_(torch.logit(occ.clamp(0.0, 1.0), eps=1e-13).clamp(-30.0, 30.0))
         self._derived.clear()
 
+    @torch.no_grad()
+    def regrid(self, resolution: Union[int, Sequence[int]]) -> None:
+        """Resample the base classifier onto a lattice of `resolution` nodes over the same box
+        (a coarse-to-fine schedule's growth step): logits interpolated trilinearly between the
+        old nodes, σ kept in world units.
+
+        The result is another voxel occupancy with values in [0, 1], so the certificate holds for
+        it as for any other (nothing to re-prove). The parameter object stays the same, with new
+        data: an optimizer holding it keeps it, and must drop its state for it (the shapes changed).
+        """
+        res = (resolution,) * 3 if isinstance(resolution, int) else tuple(int(r) for r in resolution)
+        if len(res) != 3 or min(res) < 2:
+            raise ValueError(f"resolution must be >= 2 per axis, got {resolution}")
+        if res == self.resolution:
+            return
+        # Nodes sit on the box's faces at both ends: align_corners=True maps node to node.
+        grown = F.interpolate(self.logits.detach()[None, None].float(), size=res, mode="trilinear", align_corners=True)
+        self.logits.data = grown[0, 0].to(self.logits.dtype).contiguous()
+        self.logits.grad = None
+        self.resolution = res  # type: ignore[assignment]
+        self.support = self._sphere_support()
+        sigma, self._sigma = self._sigma, 0.0
+        self.sigma = sigma  # rebuilds the smoothing matrices for the new lattice, clears the derived grids
+
     # -- smoothing and SDF at the nodes -------------------------------------------
     def smoothed_occupancy_rows(self, rows: Tuple[int, int]) -> Float[Tensor, "rows Y Z"]:
         """p̂ at the nodes of x-rows [a, b): the exact randomized smoothing of the voxel classifier, from

@@ -18,6 +18,35 @@ def make_grid(res: int, sigma_vox: float, eps: float = 1e-5) -> CertifiedSDFGrid
     return CertifiedSDFGrid(res, AABB, sigma=sigma_vox * h, eps=eps)
 
 
+SHAPES = {
+    "sphere": lambda pts: (pts.norm(dim=-1) < 0.5).float(),
+    "cube": lambda pts: (pts.abs().amax(dim=-1) < 0.45).float(),
+}
+
+
+def shape_grid(shape: str, res: int, sigma_vox: float, grown_from: int = 0) -> CertifiedSDFGrid:
+    """A res³ grid (σ in its voxels) holding `shape`; with `grown_from`, the shape is voxelized on a
+    grown_from³ grid with the same σ in world units and then regridded to res³, as the coarse-to-fine
+    schedule does: the certificate must hold on that (non-binary, interpolated) occupancy too."""
+    grid = make_grid(res, sigma_vox)
+    if grown_from:
+        sigma = grid.sigma
+        grid = CertifiedSDFGrid(grown_from, AABB, sigma=sigma, eps=grid.eps)
+    grid.set_occupancy(SHAPES[shape](grid.grid_points()))
+    grid.regrid(res)
+    return grid
+
+
+GROWN = pytest.mark.parametrize("grown_from", [0, 2], ids=["dense", "grown"])
+"""Each certificate test on a grid trained at its resolution (0) and on one grown from a coarser grid
+(the value is the refinement: the coarse grid has about res / 2 nodes per axis)."""
+
+
+def coarse(res: int, refinement: int) -> int:
+    """Nodes per axis of a grid that `refinement`× finer nodes subdivide into res (0: none)."""
+    return 0 if not refinement else (res - 1) // refinement + 1
+
+
 def test_kernel_rows_are_gaussian_cell_masses() -> None:
     k = voxel_gaussian_matrix(101, 3.0, dtype=torch.float64)
     # a row far from the borders carries the whole Gaussian mass; it is symmetric and peaked
@@ -28,20 +57,29 @@ def test_kernel_rows_are_gaussian_cell_masses() -> None:
     assert abs(float(k[0].sum()) - (0.5 + 0.5 * math.erf(0.5 / (3.0 * math.sqrt(2))))) < 1e-9
 
 
+@GROWN
 @pytest.mark.parametrize("sigma_vox", [0.7, 2.0, 4.0])
-def test_plane_is_reproduced(sigma_vox: float) -> None:
+def test_plane_is_reproduced(sigma_vox: float, grown_from: int) -> None:
     """Occupancy = half-space {x < c}: the SDF is x − c, to within 2% of σ.
 
     Grid 64³ on [-1, 1]³; c lies on a cell face (the voxel classifier's boundary), points
     are kept 5σ away from the other faces of the box (whose outside is empty) and inside the
     unclamped band: |x − c| < σ·Φ⁻¹(1−ε) − h, so both nodes around a point are unclamped.
     """
-    res = 64
+    res = 65
     grid = make_grid(res, sigma_vox)
     pts = grid.grid_points()
     h = float(grid.voxel_size[0])
     c = float(pts[30, 0, 0, 0]) + h / 2
     grid.set_occupancy((pts[..., 0] < c).float())
+    if grown_from:
+        # The half-space on the coarse grid of every other node, its face at c, grown back to 65³:
+        # the node on the face gets occupancy ½, its cell straddles c symmetrically.
+        c = float(pts[29, 0, 0, 0])  # midway between coarse nodes 14 and 15: the coarse grid's cell face
+        half = CertifiedSDFGrid(coarse(res, grown_from), AABB, sigma=grid.sigma, eps=grid.eps)
+        half.set_occupancy((half.grid_points()[..., 0] < c).float())
+        half.regrid(res)
+        grid = half
 
     gen = torch.Generator().manual_seed(0)
     margin = 5 * grid.sigma + h
@@ -49,20 +87,24 @@ def test_plane_is_reproduced(sigma_vox: float) -> None:
     x[:, 0] = c + (torch.rand(20000, generator=gen) * 2 - 1) * (grid.max_distance - h)
     keep = (x[:, 1:].abs() < 1 - margin).all(dim=1) & (x[:, 0] > -1 + margin) & (x[:, 0] < 1 - margin)
     x = x[keep]
-    err = (grid.sdf(x) - (x[:, 0] - c)).abs().max().item()
-    assert err < 0.02 * grid.sigma, f"plane error {err / grid.sigma:.4f} σ"
+    sdf, signed = grid.sdf(x), x[:, 0] - c
+    if not grown_from:
+        err = (sdf - signed).abs().max().item()
+        assert err < 0.02 * grid.sigma, f"plane error {err / grid.sigma:.4f} σ"
+        return
+    # Grown, the step became a ramp one fine voxel wide (occupancy ½ at the face's node): the zero set
+    # is still the plane, the SDF never overestimates the distance to it and falls short by under ~h.
+    assert (sdf * signed > 0)[signed.abs() > 0.02 * grid.sigma].all()
+    assert (sdf.abs() <= signed.abs() + 0.02 * grid.sigma).all()
+    assert (sdf.abs() >= signed.abs() - h - 0.02 * grid.sigma).all()
+    on_face = x.clone()
+    on_face[:, 0] = c
+    assert grid.sdf(on_face).abs().max().item() < 0.02 * grid.sigma
 
 
-def _sphere_and_cube(res: int, sigma_vox: float):
-    grid = make_grid(res, sigma_vox)
-    pts = grid.grid_points()
-    sphere = (pts.norm(dim=-1) < 0.5).float()
-    cube = (pts.abs().amax(dim=-1) < 0.45).float()
-    return grid, {"sphere": sphere, "cube": cube}
-
-
+@GROWN
 @pytest.mark.parametrize("shape", ["sphere", "cube"])
-def test_sdf_is_a_lower_bound_on_distance_to_the_smoothed_surface(shape: str) -> None:
+def test_sdf_is_a_lower_bound_on_distance_to_the_smoothed_surface(shape: str, grown_from: int) -> None:
     """|sdf(x)| ≤ dist(x, {p̂ = ½}) + tol; sign correct more than 2 voxels from the surface.
 
     The smoothed surface is extracted from p̂ computed exactly (no interpolation) on a 2x
@@ -74,9 +116,8 @@ def test_sdf_is_a_lower_bound_on_distance_to_the_smoothed_surface(shape: str) ->
     import trimesh
     from scipy.spatial import cKDTree
 
-    res, sigma_vox = 40, 2.0
-    grid, shapes = _sphere_and_cube(res, sigma_vox)
-    grid.set_occupancy(shapes[shape])
+    res, sigma_vox = 41, 2.0
+    grid = shape_grid(shape, res, sigma_vox, coarse(res, grown_from))
     h = float(grid.voxel_size[0])
 
     # reference surface {p̂ = ½} from exact p̂ on a 2x finer lattice around the object
@@ -104,11 +145,11 @@ def test_sdf_is_a_lower_bound_on_distance_to_the_smoothed_surface(shape: str) ->
     assert agree == 1.0
 
 
-def test_monte_carlo_randomized_smoothing_matches_grid() -> None:
+@GROWN
+def test_monte_carlo_randomized_smoothing_matches_grid(grown_from: int) -> None:
     """E[f(x+δ)] by Monte-Carlo (20k noise draws of the voxel classifier) equals the grid's p̂."""
-    res, sigma_vox = 32, 2.5
-    grid, shapes = _sphere_and_cube(res, sigma_vox)
-    grid.set_occupancy(shapes["sphere"])
+    res, sigma_vox = 33, 2.5
+    grid = shape_grid("sphere", res, sigma_vox, coarse(res, grown_from))
     gen = torch.Generator().manual_seed(2)
     x = torch.rand(40, 3, generator=gen) * 1.2 - 0.6
     n_mc = 20_000
@@ -139,12 +180,12 @@ def test_monte_carlo_randomized_smoothing_matches_grid() -> None:
     assert z_interp.max() < 5.0
 
 
+@GROWN
 @pytest.mark.parametrize("shape", ["sphere", "cube"])
-def test_sdf_is_one_lipschitz(shape: str) -> None:
-    """Autograd |∇sdf| ≤ 1.03 at random points (96³ grid, σ = 3 voxels, as in the planning study)."""
-    res, sigma_vox = 96, 3.0
-    grid, shapes = _sphere_and_cube(res, sigma_vox)
-    grid.set_occupancy(shapes[shape])
+def test_sdf_is_one_lipschitz(shape: str, grown_from: int) -> None:
+    """Autograd |∇sdf| ≤ 1.03 at random points (97³ grid, σ = 3 voxels, as in the planning study)."""
+    res, sigma_vox = 97, 3.0
+    grid = shape_grid(shape, res, sigma_vox, coarse(res, grown_from))
     gen = torch.Generator().manual_seed(3)
     x = (torch.rand(50_000, 3, generator=gen) * 1.8 - 0.9).requires_grad_(True)
     sdf = grid.sdf(x)

@@ -104,7 +104,9 @@ class CertSDFFieldConfig:
     field: the defaults written here are the only ones."""
 
     grid_resolution: int = 192
-    """Occupancy grid nodes per axis over the scene box."""
+    """Occupancy grid nodes per axis over the scene box (at the end of training)."""
+    grid_start_resolution: int = 0
+    """Grid nodes per axis at the start of training, grown to grid_resolution at grid_growth_step; 0: grid_resolution throughout."""
     eps: float = 1e-5
     """p̂ is clamped to [eps, 1−eps]: the SDF is bounded by ±σ·Φ⁻¹(1−eps)."""
     density_scale: float = 30.0
@@ -144,6 +146,8 @@ class CertSDFField(Field):
         config: the field's settings (the model passes its own config, which extends them).
         sigma_voxels / sharpness_voxels: the smoothing σ and the density sharpness s to start with,
             in voxels; the model's schedule moves them through :meth:`set_smoothing_voxels`.
+        resolution: grid nodes per axis to start with (the model's coarse-to-fine schedule grows it
+            with :meth:`regrid`); None: the config's grid_resolution.
         region: (centre, radius) of the object's region on a real capture: the occupancy is zero
             outside that ball (`CertifiedSDFGrid`'s support), so nothing outside it is the object.
     """
@@ -155,13 +159,15 @@ class CertSDFField(Field):
         sigma_voxels: float,
         sharpness_voxels: float,
         region: Optional[Tuple[Float[Tensor, "3"], float]] = None,
+        resolution: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.register_buffer("aabb", aabb.clone().float())
-        self.voxel = float(((self.aabb[1] - self.aabb[0]) / (config.grid_resolution - 1)).min())
+        resolution = config.grid_resolution if resolution is None else int(resolution)
+        self.voxel = self.cell_edge(resolution)
         """Edge of a grid cell (world units): the unit of σ and s at every boundary (config, viewer, logs)."""
         self.geometry = CertifiedSDFGrid(
-            config.grid_resolution,
+            resolution,
             aabb,
             sigma=sigma_voxels * self.voxel,
             eps=config.eps,
@@ -202,6 +208,10 @@ class CertSDFField(Field):
             implementation=self.backend,
         )
 
+    def cell_edge(self, resolution: int) -> float:
+        """Edge of a grid cell (world units) with `resolution` nodes per axis over the box (the shortest axis's)."""
+        return float(((self.aabb[1] - self.aabb[0]) / (int(resolution) - 1)).min())
+
     # -- smoothing: the one place σ and s are written, and converted from voxels ----------
     def set_smoothing_voxels(self, sigma_voxels: float, sharpness_voxels: float) -> None:
         """Set σ (re-smooths the grid when it changes) and s, both given in voxels."""
@@ -211,6 +221,14 @@ class CertSDFField(Field):
     def smoothing_voxels(self) -> Tuple[float, float]:
         """The current (σ, s) in voxels."""
         return self.geometry.sigma / self.voxel, self.sharpness / self.voxel
+
+    def regrid(self, resolution: int) -> None:
+        """Resample the geometry onto `resolution` nodes per axis (see CertifiedSDFGrid.regrid). σ and s
+        keep their values *in voxels*, so in world units they follow the new voxel."""
+        sigma_voxels, sharpness_voxels = self.smoothing_voxels()
+        self.geometry.regrid(resolution)
+        self.voxel = self.cell_edge(resolution)
+        self.set_smoothing_voxels(sigma_voxels, sharpness_voxels)
 
     # -- checkpoint guard ----------------------------------------------------------
     def get_extra_state(self) -> Dict[str, str]:

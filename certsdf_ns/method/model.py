@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Literal, Optional, Tuple, Type
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
@@ -25,6 +26,7 @@ from torchmetrics.image import PeakSignalNoiseRatio
 
 from nerfstudio.cameras.rays import RayBundle, RaySamples
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
+from nerfstudio.engine.optimizers import Optimizers
 from nerfstudio.model_components.ray_samplers import LinearDisparitySampler, PDFSampler, UniformSampler
 from nerfstudio.model_components.renderers import AccumulationRenderer, DepthRenderer, NormalsRenderer, RGBRenderer
 from nerfstudio.model_components.scene_colliders import AABBBoxCollider, SphereCollider
@@ -120,6 +122,8 @@ class CertSDFModelConfig(ModelConfig, CertSDFFieldConfig):
     """s at step 0; annealed log-linearly to `sharpness_voxels` over `anneal_steps`."""
     anneal_steps: int = 1000
     """Length of the σ and s schedules, in steps."""
+    grid_growth_step: int = 10_000
+    """Step at which the grid grows from grid_start_resolution to grid_resolution (stretched like the anneal)."""
     density_map: Literal["unbiased", "paper"] = "paper"
     """How the SDF becomes opacity: 'paper' (Pérez S. et al.'s density) or 'unbiased' (NeuS's, T = ½ on the zero set)."""
     unbiased_warmup_steps: Optional[int] = None
@@ -205,11 +209,20 @@ class CertSDFModel(Model):
         self._smoothing_override: Tuple[Optional[float], Optional[float]] = (None, None)  # voxels
         self._budget_hook: Optional[Callable[[SampleBudget], SampleBudget]] = None
         self._shards: Optional[GridShards] = None
+        self._optimizers: Optional[Optimizers] = None  # the trainer's, once training callbacks are asked for
+        self.grown_at: Optional[int] = None
+        """The step at which this process grew the grid (coarse-to-fine schedule), if it did."""
+        self._grows = cfg.grid_start_resolution > 0 and cfg.grid_start_resolution != cfg.grid_resolution
+        if self._grows and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # DistributedDataParallel sizes its gradient buckets once, at wrap time.
+            log("a run of several processes trains the grid at its final resolution (no coarse-to-fine growth).")
+            self._grows = False
         metadata = self.kwargs.get("metadata", {})
         self.region = self._region(metadata)
         self.field = CertSDFField(
-            self.scene_box.aabb.float(), cfg, cfg.sigma_start_voxels, cfg.sharpness_start_voxels, region=self.region
-        )
+            self.scene_box.aabb.float(), cfg, cfg.sigma_start_voxels, cfg.sharpness_start_voxels, region=self.region,
+            resolution=cfg.grid_start_resolution if self._grows else cfg.grid_resolution,
+        )  # fmt: skip
         cfg.backend = self.field.backend  # record what was built in the saved config
         self.box_collider = AABBBoxCollider(self.scene_box)
         self.region_collider = None if self.region is None else SphereCollider(*self.region)
@@ -330,6 +343,34 @@ class CertSDFModel(Model):
         sigma, sharpness = (s if o is None else o for o, s in zip(self._smoothing_override, scheduled))
         self.field.set_smoothing_voxels(sigma, sharpness)
 
+    def scheduled_resolution(self, step: int) -> int:
+        """Grid nodes per axis the coarse-to-fine schedule gives at ``step`` (a pure function of the step)."""
+        cfg = self.config
+        if not self._grows:
+            return cfg.grid_resolution
+        grow_at = cfg.anneal_start_step + round(cfg.grid_growth_step * cfg.anneal_stretch)
+        return cfg.grid_resolution if step >= grow_at else cfg.grid_start_resolution
+
+    def before_training_step(self, step: int) -> None:
+        """The schedules at ``step``: σ and s, and the grid's growth (which only ever grows it: a
+        re-fitted plan may move the growth step, never undo it)."""
+        self.set_schedule_step(step)
+        target = self.scheduled_resolution(step)
+        if target > self.field.geometry.resolution[0]:
+            self.grow_grid(target)
+            self.grown_at = int(step)
+
+    def grow_grid(self, resolution: int) -> None:
+        """Resample the grid to ``resolution`` nodes per axis and restart the optimizer's moments for it."""
+        logits = self.field.geometry.logits
+        before = self.field.geometry.resolution[0]
+        self.field.regrid(resolution)
+        self._apply_smoothing()
+        if self._optimizers is not None:
+            for optimizer in self._optimizers.optimizers.values():
+                optimizer.state.pop(logits, None)  # Adam's moments had the old shape; they restart
+        log(f"grid grown from {before}³ to {resolution}³ nodes at step {self._step}.")
+
     def update_to_step(self, step: int) -> None:
         """Called by the pipeline when a checkpoint is loaded: σ and s are not parameters,
         they are recomputed from the step, so eval/export see the σ the grid was trained with."""
@@ -338,6 +379,12 @@ class CertSDFModel(Model):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
         """Every load (ns-train --load-dir, ns-eval, ns-viewer, exports) first checks that the
         checkpoint fits this config, naming the differing setting instead of a size-mismatch traceback."""
+        saved = state_dict.get("field.geometry.logits")
+        if self._grows and saved is not None and saved.dim() == 3:
+            # A checkpoint of either stage of the coarse-to-fine schedule loads (e.g. resumed before the growth).
+            side = int(saved.shape[0])
+            if side in (self.config.grid_start_resolution, self.config.grid_resolution) and side != self.field.geometry.resolution[0]:
+                self.field.regrid(side)
         problems = fit_problems(state_dict, self.state_dict())
         if problems:
             with exit_cleanly():
@@ -345,11 +392,12 @@ class CertSDFModel(Model):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
+        self._optimizers = training_callback_attributes.optimizers
         return [
             TrainingCallback(
                 where_to_run=[TrainingCallbackLocation.BEFORE_TRAIN_ITERATION],
                 update_every_num_iters=1,
-                func=self.set_schedule_step,
+                func=self.before_training_step,
             )
         ]
 

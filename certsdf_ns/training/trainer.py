@@ -311,6 +311,10 @@ class CertSDFTrainer(Trainer):
         self._seconds_after_first = 0.0
         """The training seconds once this process's first step is done (its one-off costs left out of the stop rule)."""
         self._warm_reference: Optional[Tuple[int, float]] = None
+        self._growth_reference: Optional[Tuple[int, float]] = None
+        """(step, training seconds) after the first step on a grown grid: the start of the re-plan's timing."""
+        self._replanned_for: Optional[int] = None
+        """The grid growth (its step) the plan was last fitted again for."""
         self._stopped_at: Optional[int] = None
         """The last step trained when the budget stopped training."""
         self._stop_seconds = 0.0
@@ -444,25 +448,38 @@ class CertSDFTrainer(Trainer):
         start, end = self.budget_timing_window()
         if done == start:
             self._warm_reference = (step, spent)
-        planned: Optional[int] = None
+        planned: Optional[Tuple[int, int]] = None  # (hold_steps, total_steps) of a new plan
         per_step = 0.0
+        last = self._start_step + self.config.max_num_iterations
         if self._plan is None and done >= end:
             ref_step, ref_spent = self._warm_reference or (self._first_step - 1, self._seconds_at_start)
             per_step = (spent - ref_spent) / max(step - ref_step, 1)
-            last = self._start_step + self.config.max_num_iterations
-            planned = planned_total_steps(step + 1, spent, per_step, self._budget, last)
+            planned = (step + 1, planned_total_steps(step + 1, spent, per_step, self._budget, last))
+        grown = getattr(self.pipeline.model, "grown_at", None)
+        if self._plan is not None and grown is not None and grown != self._replanned_for:
+            # The grid grew (coarse-to-fine): its steps cost more from here, so the plan is fitted
+            # again to the steps that still fit, timed after the growth's first (one-off) step.
+            window = max(self.config.budget_timing_steps // 2, 3)
+            if step == grown + 1:
+                self._growth_reference = (step, spent)
+            elif self._growth_reference is not None and step == self._growth_reference[0] + window:
+                per_step = (spent - self._growth_reference[1]) / window
+                planned = (self._plan.hold_steps, planned_total_steps(step + 1, spent, per_step, self._budget, last))
+                self._replanned_for = grown
         if done == 1:
             self._seconds_after_first = spent
         # The next step's cost is the mean of this process's steps after its first: the first carries
         # one-off costs (allocations, lazy imports; seconds under load) and, counted in, stopped short
         # budgets after one step. With only the first step done the budget alone decides.
         per_step_here = (spent - self._seconds_after_first) / (done - 1) if done > 1 else 0.0
+        if self._growth_reference is not None and step > self._growth_reference[0]:
+            per_step_here = (spent - self._growth_reference[1]) / (step - self._growth_reference[0])  # on the grown grid
         left = self._budget - spent
         self._show_budget_eta(step, left)
         stop = left <= 0.0 or left < per_step_here  # the next step would not fit
-        planned_0, stop_0 = distributed.from_rank_zero((planned, float(stop)), self.device)
-        if planned_0 is not None:
-            self._plan = SchedulePlan(step + 1, int(planned_0))
+        hold_0, total_0, stop_0 = distributed.from_rank_zero((*(planned or (None, None)), float(stop)), self.device)
+        if hold_0 is not None and total_0 is not None:
+            self._plan = SchedulePlan(int(hold_0), int(total_0))
             self._apply_plan(self._plan)
             if comms.is_main_process():
                 self.config.write_config()  # config.yml records the anneal this run uses
