@@ -69,6 +69,14 @@ def model_config_problems(cfg: "CertSDFModelConfig") -> List[str]:
         problems.append(
             f"{flag}grid-resolution is {cfg.grid_resolution}; it must be at least {MIN_RESOLUTION} nodes per axis."
         )
+    start = cfg.grid_start_resolution
+    if start != 0 and not MIN_RESOLUTION <= start < cfg.grid_resolution:
+        problems.append(
+            f"{flag}grid-start-resolution is {start}; it must be 0 (no growth) or between {MIN_RESOLUTION} and "
+            f"grid-resolution − 1 ({cfg.grid_resolution - 1}): the grid only grows."
+        )
+    if cfg.grid_growth_step < 0:
+        problems.append(f"{flag}grid-growth-step is {cfg.grid_growth_step}; it must be >= 0.")
     if not 0.0 < cfg.eps < 0.5:
         problems.append(f"{flag}eps is {cfg.eps}; it must lie strictly between 0 and 0.5 (p̂ is clamped to [eps, 1-eps]).")
     if cfg.anneal_steps < 0:

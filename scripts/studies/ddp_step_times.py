@@ -6,7 +6,8 @@
 Builds the `ns-train certsdf` pipeline on DATA in each process (`--procs N`: N processes, one thread each,
 a gloo group, the model in DDP as under `ns-train --machine.num-devices N`), loads CKPT (a trained grid; `none`:
 the untrained fog from step 0) and times `--steps` training steps (data, forward, losses, backward with the
-gradient all-reduce, fused Adam). `--rays` is per process. `--whole-grid`: every process smooths the whole grid (`--pipeline.shard-grid False`). Prints each rank's median CPU and wall time per step
+gradient all-reduce, fused Adam). `--rays` is per process. `--whole-grid`: every process smooths the whole grid (`--pipeline.shard-grid False`); `--unmap-freed`: glibc's
+allocator left as it is (the trainer's `--keep-freed-buffers False`). Prints each rank's median CPU and wall time per step
 and rank 0's rays/s. On a shared machine compare CPU times: DDP waits for the slowest rank at every step, so
 other jobs slow N processes far more than one (docs/scale-out.md).
 """
@@ -26,8 +27,11 @@ import torch.multiprocessing as mp
 
 def run(rank: int, args: argparse.Namespace, port: int) -> None:
     from certsdf_ns.method_config import certsdf_trainer_config
+    from certsdf_ns.training import heap
 
     torch.set_num_threads(1)
+    if not args.unmap_freed:
+        heap.keep_freed_buffers()  # as the trainer does on CPU
     world = args.procs
     if world > 1:
         dist.init_process_group(
@@ -83,6 +87,7 @@ def main() -> None:
     parser.add_argument("--rays", type=int, default=2048, help="training rays per step and process")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--whole-grid", action="store_true", help="every process smooths the whole grid (no grid shards)")
+    parser.add_argument("--unmap-freed", action="store_true", help="leave glibc's allocator as it is (the trainer's keep_freed_buffers False)")
     parser.add_argument("options", nargs="*", help="model options, name=value (e.g. grid_resolution=64)")
     args = parser.parse_intermixed_args()
     if args.procs == 1:
