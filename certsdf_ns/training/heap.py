@@ -5,7 +5,7 @@ glibc serves every allocation above its mmap threshold (at most 32 MB) with a fr
 gives it back with `munmap` when freed. A training step on a 256³ grid makes dozens of 64 MB
 temporaries (the smoothing's products, sigmoid, Φ⁻¹, the regularisers and their gradients), so
 every step faults in every page of each of them again: measured on lego, this was 44% of a 256³
-step and 13% of a 192³ one (docs/studies/plateau.md, "The allocator"). Turning glibc's mmap path
+step and 16% of a 192³ one (docs/studies/plateau.md, "The allocator"). Turning glibc's mmap path
 off and raising its trim threshold keeps freed blocks for the next step. Resident memory then stays
 near its peak instead of dropping between steps; the peak itself is the same.
 
