@@ -91,6 +91,20 @@ class TrainedRun:
 
 
 @pytest.fixture(scope="session")
+def scene24(tmp_path_factory) -> Path:
+    """A 24 px generated scene (8 training views): for runs that test the trainer, not the picture."""
+    from certsdf_ns.data.scenes import make_scene
+
+    return make_scene(tmp_path_factory.mktemp("scene24") / "scene", image_size=24, n_train=8, n_val=2, n_test=2)
+
+
+def ns_train_args(scene: Path, out: Path, experiment: str, *args) -> list:
+    """`ns-train certsdf` on `scene`, writing its run to out/experiment/certsdf/t."""
+    return [ns("ns-train"), "certsdf", "--data", scene, "--output-dir", out, "--experiment-name", experiment,
+            "--timestamp", "t", *args]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def tiny_scene(tmp_path_factory) -> Path:
     from certsdf_ns.data.scenes import make_scene
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from nerfstudio.data.scene_box import SceneBox
 
-from conftest import ns, run_cli, start_cli_runs
+from conftest import ns, ns_train_args, run_cli, start_cli_runs
 
 from certsdf_ns.method.model import CertSDFModelConfig
 from certsdf_ns.training.budget import SchedulePlan, planned_total_steps
@@ -38,15 +38,12 @@ ARGS = [
 
 
 @pytest.fixture(scope="module")
-def scene(tmp_path_factory) -> Path:
-    from certsdf_ns.data.scenes import make_scene
-
-    return make_scene(tmp_path_factory.mktemp("budget") / "scene", image_size=24, n_train=8, n_val=2, n_test=2)
+def scene(scene24: Path) -> Path:
+    return scene24
 
 
 def train_args(scene: Path, out: Path, *extra) -> list:
-    return [ns("ns-train"), "certsdf", "--data", scene, "--output-dir", out, "--experiment-name", "b",
-            "--timestamp", "t", *ARGS, *extra]  # fmt: skip
+    return ns_train_args(scene, out, "b", *ARGS, *extra)
 
 
 def finished(proc) -> str:
