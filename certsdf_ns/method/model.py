@@ -364,8 +364,7 @@ class CertSDFModel(Model):
         """Resample the grid to ``resolution`` nodes per axis and restart the optimizer's moments for it."""
         logits = self.field.geometry.logits
         before = self.field.geometry.resolution[0]
-        self.field.regrid(resolution)
-        self._apply_smoothing()
+        self.field.regrid(resolution)  # σ and s keep their values in voxels
         if self._optimizers is not None:
             for optimizer in self._optimizers.optimizers.values():
                 optimizer.state.pop(logits, None)  # Adam's moments had the old shape; they restart
