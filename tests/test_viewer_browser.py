@@ -293,6 +293,15 @@ def test_train_viewer_in_browser(tiny_scene: Path, shots: Path):
             proc.wait_log(r"\[certsdf\] viewer: no CUDA, 'Max res' set to 128 px")
             browser.wait_frame(proc)
             check_offline(browser)
+            # A frame was rendered while training. Pause it now (nerfstudio's own button): the
+            # checks below compare settled pictures, and a training model keeps moving the SDF
+            # view's colours (its picture never settled within 90 s once in CI). Every control
+            # below acts through its own callback and re-render, paused or not.
+            browser.page.get_by_role("button", name="Pause Training", exact=True).click()
+            wait_until(
+                lambda: browser.page.get_by_role("button", name="Resume Training", exact=True).is_visible(),
+                STEP_S, "the 'Resume Training' button", proc,
+            )  # fmt: skip
             rgb = browser.stable_shot("1_rgb", proc)
             check_canvas_rendered(rgb)
 
