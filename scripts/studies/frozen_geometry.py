@@ -2,9 +2,10 @@
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 taskset -c 1 python scripts/studies/frozen_geometry.py SCENE SECONDS \
         [--mode frozen-gt|learned] [--grid-resolution 192] [--sigma-voxels 2.0] [--n-test-views 5] \
-        [--output-dir bench_results/frozen_geometry] [--max-steps N] [--rays-per-batch 4096] [--logit 12]
+        [--output-dir bench_results/frozen_geometry] [--max-steps N] [--rays-per-batch 4096] [--logit 12] \
+        [--geometry CKPT] [--scale 0.25] [--model-option NAME=VALUE ...]
 
-SCENE is a generated scene with SCENE/gt_mesh.ply; the bench's bunny (what `certsdf-bench` renders as
+For `frozen-gt`, SCENE is a generated scene with SCENE/gt_mesh.ply; the bench's bunny (what `certsdf-bench` renders as
 `bunny` into `--scenes.scene-dir`/bunny_200px) is
 
     certsdf-make-scene bench_results/scenes/bunny_200px --mesh /work/shared/data/meshes/bunny.obj \
@@ -25,6 +26,10 @@ the start and end of training (`sigma-start-voxels`, `sigma-voxels`) set from th
   time, with the same gradients: the grid's occupancy (sigmoid of the logits, read by the losses every
   step) is computed once, and the binary and TV losses, constants of the logits, are off (at 384³ the
   full-grid passes cost ~1 s of a step and would give the finer grids fewer steps).
+- `frozen-ckpt`: the occupancy logits of a trained run's checkpoint (`--geometry CKPT`, same scene and
+  grid; lego too, which has no ground-truth mesh) are loaded and frozen the same way, and a fresh colour
+  field trains on them: colour capacity at a fixed geometry, e.g. with `--model-option hash_log2_size=21`
+  or `--model-option colour_encoding=dense` against the defaults.
 - `learned`: the same run with nothing frozen (the baseline).
 
 Frozen logits also make a step cheaper (no smoothing backward), so at equal seconds `frozen-gt` takes
@@ -68,7 +73,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scene", type=Path, help="generated scene folder holding gt_mesh.ply")
     parser.add_argument("seconds", type=float, help="training budget (seconds of training time)")
-    parser.add_argument("--mode", choices=("frozen-gt", "learned"), default="frozen-gt")
+    parser.add_argument("--mode", choices=("frozen-gt", "frozen-ckpt", "learned"), default="frozen-gt")
+    parser.add_argument("--geometry", type=Path, help="frozen-ckpt: the checkpoint whose occupancy logits are frozen")
+    parser.add_argument("--scale", type=float, default=1.0, help="camera-res-scale-factor (lego at 200x200: 0.25)")
+    parser.add_argument("--model-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="a model config field, e.g. hash_log2_size=21 or colour_encoding=dense (repeatable)")
     parser.add_argument("--grid-resolution", type=int, default=192)
     parser.add_argument("--sigma-voxels", type=float, default=2.0)
     parser.add_argument("--n-test-views", type=int, default=5)
@@ -86,7 +95,8 @@ def trainer_config(args: argparse.Namespace):
     cfg.data = scene  # ns-train's --data alias
     cfg.pipeline.datamanager.data = scene
     cfg.output_dir = args.output_dir
-    cfg.experiment_name = f"{scene.name}-{args.mode}-{args.grid_resolution}-s{args.sigma_voxels:g}"
+    options = "".join(f"-{o}" for o in args.model_option)
+    cfg.experiment_name = f"{scene.name}-{args.mode}-{args.grid_resolution}-s{args.sigma_voxels:g}{options}"
     cfg.vis = "tensorboard"
     cfg.machine.device_type = "cpu"
     cfg.mixed_precision = False
@@ -97,10 +107,15 @@ def trainer_config(args: argparse.Namespace):
         setattr(cfg, name, NEVER)
     cfg.eval_at_end = False  # evaluated below, with the bench's evaluation
     cfg.pipeline.datamanager.train_num_rays_per_batch = args.rays_per_batch
+    cfg.pipeline.datamanager.camera_res_scale_factor = args.scale
     model = cfg.pipeline.model
+    for option in args.model_option:
+        name, _, value = option.partition("=")
+        current = getattr(model, name)  # AttributeError names an unknown field
+        setattr(model, name, type(current)(value) if not isinstance(current, bool) else value == "True")
     model.grid_resolution = args.grid_resolution
     model.sigma_voxels = model.sigma_start_voxels = args.sigma_voxels
-    if args.mode == "frozen-gt":  # constants once the logits are frozen: no gradient, only time
+    if args.mode != "learned":  # constants once the logits are frozen: no gradient, only time
         model.binary_loss_mult = model.tv_loss_mult = 0.0
     return cfg
 
@@ -142,6 +157,25 @@ def freeze_at_ground_truth(model, gt: trimesh.Trimesh, logit: float) -> dict:
     return {"inside_nodes": int(inside.sum()), "voxelize_s": seconds, "watertight": bool(gt.is_watertight)}
 
 
+def freeze_at_checkpoint(model, checkpoint: Path) -> dict:
+    """Occupancy logits of a trained run's checkpoint (same grid and scene), frozen; the colour field
+    stays freshly initialised. Returns what was done."""
+    geometry = model.field.geometry
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = saved["pipeline"]
+    (key,) = [k for k in state if k.endswith("field.geometry.logits")]
+    logits = state[key]
+    if tuple(logits.shape) != tuple(geometry.logits.shape):
+        raise SystemExit(f"{checkpoint}: grid {tuple(logits.shape)}, this run's is {tuple(geometry.logits.shape)} (--grid-resolution)")
+    with torch.no_grad():
+        geometry.logits.copy_(logits.to(geometry.logits))
+    geometry.logits.requires_grad_(False)
+    occupancy = geometry.occupancy().detach()
+    geometry.occupancy = lambda: occupancy
+    print(f"occupancy logits of {checkpoint} (step {saved.get('step', '?')}) loaded and frozen", flush=True)
+    return {"geometry_checkpoint": str(checkpoint), "inside_nodes": int((occupancy > 0.5).sum())}
+
+
 def seed_like_ns_train(seed: int) -> None:
     """What ns-train's train_loop does before building the trainer (nerfstudio's _set_random_seed)."""
     random.seed(seed)
@@ -151,7 +185,9 @@ def seed_like_ns_train(seed: int) -> None:
 
 def main() -> None:
     args = parse_args()
-    if not (args.scene / "gt_mesh.ply").is_file():
+    if args.mode == "frozen-ckpt" and args.geometry is None:
+        raise SystemExit("--mode frozen-ckpt needs --geometry CKPT")
+    if args.mode == "frozen-gt" and not (args.scene / "gt_mesh.ply").is_file():
         raise SystemExit(f"{args.scene} has no gt_mesh.ply (make it with certsdf-make-scene)")
     cfg = trainer_config(args)
     cfg.set_timestamp()
@@ -165,10 +201,13 @@ def main() -> None:
     record: dict = {"mode": args.mode, "scene": str(args.scene.resolve()), "grid_resolution": args.grid_resolution,
                     "sigma_voxels": args.sigma_voxels, "budget_s": args.seconds, "max_steps": cfg.max_num_iterations,
                     "rays_per_batch": args.rays_per_batch, "binary_loss_mult": cfg.pipeline.model.binary_loss_mult,
-                    "tv_loss_mult": cfg.pipeline.model.tv_loss_mult}  # fmt: skip
+                    "tv_loss_mult": cfg.pipeline.model.tv_loss_mult, "scale": args.scale,
+                    "model_options": args.model_option}  # fmt: skip
     if args.mode == "frozen-gt":
         gt = gt_in_dataparser_frame(args.scene, pipeline.datamanager.train_dataparser_outputs)
         record.update(freeze_at_ground_truth(model, gt, args.logit), logit=args.logit)
+    elif args.mode == "frozen-ckpt":
+        record.update(freeze_at_checkpoint(model, args.geometry))
     logits_before = geometry.logits.detach().clone()
     colour_before = {n: p.detach().clone() for n, p in model.field.named_parameters() if not n.startswith("geometry.")}
 
@@ -199,8 +238,8 @@ def main() -> None:
     out.write_text(json.dumps(record, indent=2))
     print(json.dumps(record))
     print(f"written to {out}")
-    if args.mode == "frozen-gt" and not (record["logits_unchanged"] and record["geometry_optimizer_state_empty"]):
-        raise SystemExit("frozen-gt: the occupancy logits changed during training")
+    if args.mode != "learned" and not (record["logits_unchanged"] and record["geometry_optimizer_state_empty"]):
+        raise SystemExit(f"{args.mode}: the occupancy logits changed during training")
 
 
 if __name__ == "__main__":
