@@ -71,7 +71,7 @@ CONTAINS_CHUNK = 1_000_000
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("scene", type=Path, help="generated scene folder holding gt_mesh.ply")
+    parser.add_argument("scene", type=Path, help="scene folder (frozen-gt: a generated scene holding gt_mesh.ply)")
     parser.add_argument("seconds", type=float, help="training budget (seconds of training time)")
     parser.add_argument("--mode", choices=("frozen-gt", "frozen-ckpt", "learned"), default="frozen-gt")
     parser.add_argument("--geometry", type=Path, help="frozen-ckpt: the checkpoint whose occupancy logits are frozen")
@@ -140,6 +140,17 @@ def inside_nodes(gt: trimesh.Trimesh, points: np.ndarray, margin: float) -> np.n
     return inside
 
 
+def freeze_logits(model, logits: torch.Tensor) -> torch.Tensor:
+    """Set the occupancy logits and freeze them; the grid's occupancy is computed once. Returns it."""
+    geometry = model.field.geometry
+    with torch.no_grad():
+        geometry.logits.copy_(logits.to(geometry.logits))  # bumps the version: the SDF cache recomputes
+    geometry.logits.requires_grad_(False)
+    occupancy = geometry.occupancy().detach()
+    geometry.occupancy = lambda: occupancy  # the same values, without a full-grid sigmoid per call
+    return occupancy
+
+
 def freeze_at_ground_truth(model, gt: trimesh.Trimesh, logit: float) -> dict:
     """Occupancy logits +logit inside `gt`, −logit outside, frozen. Returns what was done."""
     geometry = model.field.geometry
@@ -147,11 +158,7 @@ def freeze_at_ground_truth(model, gt: trimesh.Trimesh, logit: float) -> dict:
     points = geometry.grid_points().reshape(-1, 3).cpu().numpy()
     inside = inside_nodes(gt, points, 2.0 * model.voxel)
     inside_t = torch.from_numpy(inside.reshape(geometry.resolution)).to(geometry.logits.device)
-    with torch.no_grad():
-        geometry.logits.copy_(torch.where(inside_t, logit, -logit))  # bumps the version: the SDF cache recomputes
-    geometry.logits.requires_grad_(False)
-    occupancy = geometry.occupancy().detach()
-    geometry.occupancy = lambda: occupancy  # the same values, without a full-grid sigmoid per call
+    freeze_logits(model, torch.where(inside_t, logit, -logit))
     seconds = time.perf_counter() - t0
     print(f"voxelized gt_mesh.ply on {len(points)} nodes: {int(inside.sum())} inside ({seconds:.1f} s); logits frozen at ±{logit:g}", flush=True)
     return {"inside_nodes": int(inside.sum()), "voxelize_s": seconds, "watertight": bool(gt.is_watertight)}
@@ -167,11 +174,7 @@ def freeze_at_checkpoint(model, checkpoint: Path) -> dict:
     logits = state[key]
     if tuple(logits.shape) != tuple(geometry.logits.shape):
         raise SystemExit(f"{checkpoint}: grid {tuple(logits.shape)}, this run's is {tuple(geometry.logits.shape)} (--grid-resolution)")
-    with torch.no_grad():
-        geometry.logits.copy_(logits.to(geometry.logits))
-    geometry.logits.requires_grad_(False)
-    occupancy = geometry.occupancy().detach()
-    geometry.occupancy = lambda: occupancy
+    occupancy = freeze_logits(model, logits)
     print(f"occupancy logits of {checkpoint} (step {saved.get('step', '?')}) loaded and frozen", flush=True)
     return {"geometry_checkpoint": str(checkpoint), "inside_nodes": int((occupancy > 0.5).sum())}
 
