@@ -315,24 +315,34 @@ class CertifiedSDFGrid(nn.Module):
         self._derived.clear()
 
     @torch.no_grad()
-    def regrid(self, resolution: Union[int, Sequence[int]]) -> None:
-        """Resample the base classifier onto a lattice of `resolution` nodes over the same box
-        (a coarse-to-fine schedule's growth step): logits interpolated trilinearly between the
-        old nodes, σ kept in world units.
+    def regrid(self, resolution: Union[int, Sequence[int]], aabb: Optional[AabbLike] = None) -> None:
+        """Resample the base classifier onto a lattice of `resolution` nodes over `aabb` (default: the same
+        box): a coarse-to-fine schedule's growth step, or a crop of the box to where the object is. The
+        logits are interpolated trilinearly between the old nodes (clamped to the old box), σ is kept in
+        world units.
 
-        The result is another voxel occupancy with values in [0, 1], so the certificate holds for
-        it as for any other (nothing to re-prove). The parameter object stays the same, with new
-        data: an optimizer holding it keeps it, and must drop its state for it (the shapes changed).
+        The result is another voxel occupancy with values in [0, 1] (zero outside the new box), so the
+        certificate holds for it as for any other (nothing to re-prove). The parameter object stays the
+        same, with new data: an optimizer holding it keeps it, and must drop its state for it.
         """
         res = (resolution,) * 3 if isinstance(resolution, int) else tuple(int(r) for r in resolution)
         if len(res) != 3 or min(res) < 2:
             raise ValueError(f"resolution must be >= 2 per axis, got {resolution}")
-        if res == self.resolution:
+        box = self.aabb if aabb is None else torch.as_tensor(aabb, dtype=torch.float32, device=self.aabb.device).reshape(2, 3)
+        if not bool((box[1] > box[0]).all()):
+            raise ValueError(f"the grid's box must have a positive extent on every axis, got {box.tolist()}")
+        if res == self.resolution and torch.equal(box, self.aabb):
             return
-        # Nodes sit on the box's faces at both ends: align_corners=True maps node to node.
-        grown = F.interpolate(self.logits.detach()[None, None].float(), size=res, mode="trilinear", align_corners=True)
-        self.logits.data = grown[0, 0].to(self.logits.dtype).contiguous()
+        if torch.equal(box, self.aabb):
+            # Nodes sit on the box's faces at both ends: align_corners=True maps node to node.
+            grown = F.interpolate(self.logits.detach()[None, None].float(), size=res, mode="trilinear", align_corners=True)[0, 0]
+        else:
+            axes = [torch.linspace(float(lo), float(hi), n, device=box.device) for lo, hi, n in zip(box[0], box[1], res)]
+            nodes = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+            grown = sample_grid(self.logits.detach().float(), nodes, self.aabb).reshape(res)
+        self.logits.data = grown.to(self.logits.dtype).contiguous()
         self.logits.grad = None
+        self.aabb.copy_(box)
         self.resolution = res  # type: ignore[assignment]
         self.support = self._sphere_support()
         sigma, self._sigma = self._sigma, 0.0

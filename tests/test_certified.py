@@ -24,22 +24,39 @@ SHAPES = {
 }
 
 
-def shape_grid(shape: str, res: int, sigma_vox: float, grown_from: int = 0) -> CertifiedSDFGrid:
+CROP_BOX = ((-0.62, -0.7, -0.66), (0.64, 0.62, 0.7))
+"""A box around both shapes, uneven on purpose: a cropped grid's lattice has other node counts per axis."""
+
+
+def shape_grid(shape: str, res: int, sigma_vox: float, grown_from: int = 0, cropped: bool = False) -> CertifiedSDFGrid:
     """A res³ grid (σ in its voxels) holding `shape`; with `grown_from`, the shape is voxelized on a
     grown_from³ grid with the same σ in world units and then regridded to res³, as the coarse-to-fine
-    schedule does: the certificate must hold on that (non-binary, interpolated) occupancy too."""
+    schedule does: the certificate must hold on that (non-binary, interpolated) occupancy too.
+
+    `cropped`: then resampled, as the model's grid crop does, onto about res³ nodes over CROP_BOX (finer,
+    nearly cubic voxels, a different count per axis; zero occupancy outside the box), σ kept in voxels."""
     grid = make_grid(res, sigma_vox)
     if grown_from:
         sigma = grid.sigma
         grid = CertifiedSDFGrid(grown_from, AABB, sigma=sigma, eps=grid.eps)
     grid.set_occupancy(SHAPES[shape](grid.grid_points()))
     grid.regrid(res)
+    if cropped:
+        box = torch.tensor(CROP_BOX)
+        extent = box[1] - box[0]
+        edge = float(grid.voxel_size[0]) * float(extent.prod() / 8.0) ** (1.0 / 3.0)
+        grid.regrid([int(round(float(e) / edge)) + 1 for e in extent], box)
+        grid.sigma = sigma_vox * float(grid.voxel_size.min())
     return grid
 
 
 GROWN = pytest.mark.parametrize("grown_from", [0, 2], ids=["dense", "grown"])
 """Each certificate test on a grid trained at its resolution (0) and on one grown from a coarser grid
 (the value is the refinement: the coarse grid has about res / 2 nodes per axis)."""
+LATTICES = pytest.mark.parametrize(
+    "grown_from, cropped", [(0, False), (2, False), (0, True), (2, True)], ids=["dense", "grown", "cropped", "grown+cropped"]
+)
+"""GROWN, and each of those cropped to a box around the shape (shape_grid)."""
 
 
 def coarse(res: int, refinement: int) -> int:
@@ -102,9 +119,9 @@ def test_plane_is_reproduced(sigma_vox: float, grown_from: int) -> None:
     assert grid.sdf(on_face).abs().max().item() < 0.02 * grid.sigma
 
 
-@GROWN
+@LATTICES
 @pytest.mark.parametrize("shape", ["sphere", "cube"])
-def test_sdf_is_a_lower_bound_on_distance_to_the_smoothed_surface(shape: str, grown_from: int) -> None:
+def test_sdf_is_a_lower_bound_on_distance_to_the_smoothed_surface(shape: str, grown_from: int, cropped: bool) -> None:
     """|sdf(x)| ≤ dist(x, {p̂ = ½}) + tol; sign correct more than 2 voxels from the surface.
 
     The smoothed surface is extracted from p̂ computed exactly (no interpolation) on a 2x
@@ -117,7 +134,7 @@ def test_sdf_is_a_lower_bound_on_distance_to_the_smoothed_surface(shape: str, gr
     from scipy.spatial import cKDTree
 
     res, sigma_vox = 41, 2.0
-    grid = shape_grid(shape, res, sigma_vox, coarse(res, grown_from))
+    grid = shape_grid(shape, res, sigma_vox, coarse(res, grown_from), cropped)
     h = float(grid.voxel_size[0])
 
     # reference surface {p̂ = ½} from exact p̂ on a 2x finer lattice around the object
@@ -145,11 +162,11 @@ def test_sdf_is_a_lower_bound_on_distance_to_the_smoothed_surface(shape: str, gr
     assert agree == 1.0
 
 
-@GROWN
-def test_monte_carlo_randomized_smoothing_matches_grid(grown_from: int) -> None:
+@LATTICES
+def test_monte_carlo_randomized_smoothing_matches_grid(grown_from: int, cropped: bool) -> None:
     """E[f(x+δ)] by Monte-Carlo (20k noise draws of the voxel classifier) equals the grid's p̂."""
     res, sigma_vox = 33, 2.5
-    grid = shape_grid("sphere", res, sigma_vox, coarse(res, grown_from))
+    grid = shape_grid("sphere", res, sigma_vox, coarse(res, grown_from), cropped)
     gen = torch.Generator().manual_seed(2)
     x = torch.rand(40, 3, generator=gen) * 1.2 - 0.6
     n_mc = 20_000
@@ -159,7 +176,7 @@ def test_monte_carlo_randomized_smoothing_matches_grid(grown_from: int) -> None:
     for xi in x:
         noisy = xi + grid.sigma * torch.randn(n_mc, 3, generator=gen)
         idx = torch.round((noisy - grid.aabb[0]) / h).long()  # the voxel (cell) containing the point
-        inside = ((idx >= 0) & (idx < res)).all(dim=1)
+        inside = ((idx >= 0) & (idx < torch.tensor(grid.resolution))).all(dim=1)
         vals = torch.zeros(n_mc)
         ii = idx[inside]
         vals[inside] = occ[ii[:, 0], ii[:, 1], ii[:, 2]]
@@ -180,12 +197,12 @@ def test_monte_carlo_randomized_smoothing_matches_grid(grown_from: int) -> None:
     assert z_interp.max() < 5.0
 
 
-@GROWN
+@LATTICES
 @pytest.mark.parametrize("shape", ["sphere", "cube"])
-def test_sdf_is_one_lipschitz(shape: str, grown_from: int) -> None:
+def test_sdf_is_one_lipschitz(shape: str, grown_from: int, cropped: bool) -> None:
     """Autograd |∇sdf| ≤ 1.03 at random points (97³ grid, σ = 3 voxels, as in the planning study)."""
     res, sigma_vox = 97, 3.0
-    grid = shape_grid(shape, res, sigma_vox, coarse(res, grown_from))
+    grid = shape_grid(shape, res, sigma_vox, coarse(res, grown_from), cropped)
     gen = torch.Generator().manual_seed(3)
     x = (torch.rand(50_000, 3, generator=gen) * 1.8 - 0.9).requires_grad_(True)
     sdf = grid.sdf(x)

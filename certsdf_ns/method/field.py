@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Dict, Literal, Optional, Tuple
+from typing import Dict, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 from jaxtyping import Float
@@ -222,12 +222,13 @@ class CertSDFField(Field):
         """The current (σ, s) in voxels."""
         return self.geometry.sigma / self.voxel, self.sharpness / self.voxel
 
-    def regrid(self, resolution: int) -> None:
-        """Resample the geometry onto `resolution` nodes per axis (see CertifiedSDFGrid.regrid). σ and s
-        keep their values *in voxels*, so in world units they follow the new voxel."""
+    def regrid(self, resolution: Union[int, Sequence[int]], aabb: Optional[Tensor] = None) -> None:
+        """Resample the geometry onto `resolution` nodes per axis over `aabb` (default: the grid's box; see
+        CertifiedSDFGrid.regrid). σ and s keep their values *in voxels*, so in world units they follow
+        the new voxel. The colour field keeps the scene box."""
         sigma_voxels, sharpness_voxels = self.smoothing_voxels()
-        self.geometry.regrid(resolution)
-        self.voxel = self.cell_edge(resolution)
+        self.geometry.regrid(resolution, aabb)
+        self.voxel = float(self.geometry.voxel_size.min())
         self.set_smoothing_voxels(sigma_voxels, sharpness_voxels)
 
     # -- checkpoint guard ----------------------------------------------------------

@@ -49,6 +49,7 @@ from certsdf_ns.data.validation import BACKGROUND_KEY, FOREGROUND_MASKS_KEY, MAS
 from certsdf_ns.errors import CertSDFInputError, exit_cleanly
 from certsdf_ns.method.background import background_start, build_background_field
 from certsdf_ns.method.checkpoint_fit import fit_message, fit_problems
+from certsdf_ns.method.crop import COLLECT_STEPS, SeenSurface, lattice_for_box
 from certsdf_ns.method.field import CertSDFField, CertSDFFieldConfig
 from certsdf_ns.method.grid_losses import occupancy_regularisers
 from certsdf_ns.method.sdf_outputs import ray_sdf_outputs
@@ -123,7 +124,11 @@ class CertSDFModelConfig(ModelConfig, CertSDFFieldConfig):
     anneal_steps: int = 1000
     """Length of the σ and s schedules, in steps."""
     grid_growth_step: int = 10_000
-    """Step at which the grid grows from grid_start_resolution to grid_resolution (stretched like the anneal)."""
+    """Step at which the grid grows from grid_start_resolution to grid_resolution, and is cropped with grid_crop (stretched like the anneal)."""
+    grid_crop: bool = False
+    """At grid_growth_step, shrink the grid's box to the surface the training rays met, keeping about grid_resolution³ nodes."""
+    grid_crop_margin: float = 0.04
+    """Margin kept around that surface when the grid is cropped, as a fraction of the scene box's longest side."""
     density_map: Literal["unbiased", "paper"] = "paper"
     """How the SDF becomes opacity: 'paper' (Pérez S. et al.'s density) or 'unbiased' (NeuS's, T = ½ on the zero set)."""
     unbiased_warmup_steps: Optional[int] = None
@@ -213,10 +218,12 @@ class CertSDFModel(Model):
         self.grown_at: Optional[int] = None
         """The step at which this process grew the grid (coarse-to-fine schedule), if it did."""
         self._grows = cfg.grid_start_resolution > 0 and cfg.grid_start_resolution != cfg.grid_resolution
-        if self._grows and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        self._crops = bool(cfg.grid_crop)
+        if (self._grows or self._crops) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # DistributedDataParallel sizes its gradient buckets once, at wrap time.
-            log("a run of several processes trains the grid at its final resolution (no coarse-to-fine growth).")
-            self._grows = False
+            log("a run of several processes trains the grid at its final resolution over the scene box (no growth, no crop).")
+            self._grows = self._crops = False
+        self._seen = SeenSurface()
         metadata = self.kwargs.get("metadata", {})
         self.region = self._region(metadata)
         self.field = CertSDFField(
@@ -343,32 +350,64 @@ class CertSDFModel(Model):
         sigma, sharpness = (s if o is None else o for o, s in zip(self._smoothing_override, scheduled))
         self.field.set_smoothing_voxels(sigma, sharpness)
 
+    def regrid_step(self) -> int:
+        """The step of the coarse-to-fine schedule's one regrid (growth and/or crop), stretched like the anneal."""
+        cfg = self.config
+        return cfg.anneal_start_step + round(cfg.grid_growth_step * cfg.anneal_stretch)
+
     def scheduled_resolution(self, step: int) -> int:
-        """Grid nodes per axis the coarse-to-fine schedule gives at ``step`` (a pure function of the step)."""
+        """Grid nodes per axis the coarse-to-fine schedule gives at ``step`` before any crop (a pure function of the step)."""
         cfg = self.config
         if not self._grows:
             return cfg.grid_resolution
-        grow_at = cfg.anneal_start_step + round(cfg.grid_growth_step * cfg.anneal_stretch)
-        return cfg.grid_resolution if step >= grow_at else cfg.grid_start_resolution
+        return cfg.grid_resolution if step >= self.regrid_step() else cfg.grid_start_resolution
+
+    def on_start_lattice(self) -> bool:
+        """Whether the grid is still on the lattice training starts with (not yet grown or cropped)."""
+        geometry, cfg = self.field.geometry, self.config
+        start = cfg.grid_start_resolution if self._grows else cfg.grid_resolution
+        return geometry.resolution == (start,) * 3 and torch.equal(geometry.aabb, self.scene_box.aabb.to(geometry.aabb))
 
     def before_training_step(self, step: int) -> None:
-        """The schedules at ``step``: σ and s, and the grid's growth (which only ever grows it: a
-        re-fitted plan may move the growth step, never undo it)."""
+        """The schedules at ``step``: σ and s, and the grid's one regrid (which only ever happens once: a
+        re-fitted plan may move its step, never undo it)."""
         self.set_schedule_step(step)
-        target = self.scheduled_resolution(step)
-        if target > self.field.geometry.resolution[0]:
-            self.grow_grid(target)
-            self.grown_at = int(step)
+        if (self._grows or self._crops) and step >= self.regrid_step() and self.on_start_lattice():
+            if self.grow_grid():
+                self.grown_at = int(step)
 
-    def grow_grid(self, resolution: int) -> None:
-        """Resample the grid to ``resolution`` nodes per axis and restart the optimizer's moments for it."""
-        logits = self.field.geometry.logits
-        before = self.field.geometry.resolution[0]
-        self.field.regrid(resolution)  # σ and s keep their values in voxels
+    def collects_seen_surface(self) -> bool:
+        """Whether this training step records where its rays meet a surface (the crop's box)."""
+        step = self._step or 0
+        return self._crops and step >= self.regrid_step() - COLLECT_STEPS and self.on_start_lattice()
+
+    def grow_grid(self) -> bool:
+        """Resample the grid to its final lattice and restart the optimizer's moments for it: grid_resolution³
+        nodes over the scene box, or with grid_crop about as many over the box of the surface seen so far.
+        A crop waits (False) while too few rays have met a surface, for at most COLLECT_STEPS steps."""
+        cfg, geometry = self.config, self.field.geometry
+        logits, before = geometry.logits, geometry.resolution
+        box = None
+        if self._crops:
+            margin = cfg.grid_crop_margin * float((self.scene_box.aabb[1] - self.scene_box.aabb[0]).max())
+            box = self._seen.box(margin, self.scene_box.aabb.to(geometry.aabb))
+            if box is None and (self._step or 0) < self.regrid_step() + COLLECT_STEPS:
+                return False
+            if box is None:
+                log(f"grid not cropped at step {self._step}: too few training rays met a surface.")
+        resolution = (cfg.grid_resolution,) * 3 if box is None else lattice_for_box(box, cfg.grid_resolution**3)
+        self.field.regrid(resolution, box)  # σ and s keep their values in voxels
+        self._seen.clear()
         if self._optimizers is not None:
             for optimizer in self._optimizers.optimizers.values():
                 optimizer.state.pop(logits, None)  # Adam's moments had the old shape; they restart
-        log(f"grid grown from {before}³ to {resolution}³ nodes at step {self._step}.")
+        shape = lambda r: "x".join(str(n) for n in r) if len(set(r)) > 1 else f"{r[0]}³"  # noqa: E731
+        where = "" if box is None else " over the box " + " to ".join(
+            "(" + ", ".join(f"{v:.3g}" for v in corner) + ")" for corner in box.tolist()
+        )
+        verb = "grown" if box is None else "cropped"
+        log(f"grid {verb} from {shape(before)} to {shape(geometry.resolution)} nodes{where} at step {self._step}.")
+        return True
 
     def update_to_step(self, step: int) -> None:
         """Called by the pipeline when a checkpoint is loaded: σ and s are not parameters,
@@ -379,11 +418,15 @@ class CertSDFModel(Model):
         """Every load (ns-train --load-dir, ns-eval, ns-viewer, exports) first checks that the
         checkpoint fits this config, naming the differing setting instead of a size-mismatch traceback."""
         saved = state_dict.get("field.geometry.logits")
-        if self._grows and saved is not None and saved.dim() == 3:
+        saved_box = state_dict.get("field.geometry.aabb")
+        geometry = self.field.geometry
+        if (self._grows or self._crops) and saved is not None and saved.dim() == 3:
             # A checkpoint of either stage of the coarse-to-fine schedule loads (e.g. resumed before the growth).
-            side = int(saved.shape[0])
-            if side in (self.config.grid_start_resolution, self.config.grid_resolution) and side != self.field.geometry.resolution[0]:
-                self.field.regrid(side)
+            shape = tuple(int(n) for n in saved.shape)
+            box = geometry.aabb if saved_box is None or saved_box.shape != (2, 3) else saved_box.to(geometry.aabb)
+            stages = {(self.config.grid_start_resolution,) * 3, (self.config.grid_resolution,) * 3}
+            if (self._crops or shape in stages) and (shape != geometry.resolution or not torch.equal(box, geometry.aabb)):
+                self.field.regrid(shape, box)
         problems = fit_problems(state_dict, self.state_dict())
         if problems:
             with exit_cleanly():
@@ -464,6 +507,8 @@ class CertSDFModel(Model):
             outputs["rgb"] = outputs["rgb"] + self.eval_background.to(outputs["rgb"]) * (1.0 - outputs["accumulation"])
         if self.training:
             outputs["fill_loss"] = outputs.pop("fill_sum") / outputs.pop("fill_count").clamp_min(1.0)
+            if self.collects_seen_surface():
+                self._seen.add(ray_bundle.origins, ray_bundle.directions, outputs["depth"], outputs["accumulation"])
         return outputs
 
     # -- the background (real captures) -----------------------------------------------
@@ -516,7 +561,7 @@ class CertSDFModel(Model):
         band = self.band()
         return band_interval(
             sdf_nodes,
-            field_.aabb,
+            field_.geometry.aabb,
             ray_bundle.origins,
             ray_bundle.directions,
             ray_bundle.nears[..., 0],
@@ -642,12 +687,17 @@ class CertSDFModel(Model):
             # The prior needs no dense coverage: a subset of the (randomly drawn) rays is enough
             # and keeps the grid_sample backward, the costliest op on CPU, small.
             n = max(1, int(positions.shape[0] * self.config.fill_ray_fraction))
-            occupancy = sample_grid(field_.geometry.occupancy(), positions[:n].reshape(-1, 3), field_.aabb)
+            points = positions[:n].reshape(-1, 3)
+            occupancy = sample_grid(field_.geometry.occupancy(), points, field_.geometry.aabb)
             behind = (1.0 - transmittance[:n, :-1, 0]).detach().reshape(-1)  # T before each sample
             if (self._step or 0) < self.config.fill_carve_start_step:
                 # Fill only: where the occupancy is already above 1 − T the target equals it, so no gradient.
                 behind = torch.maximum(behind, occupancy.detach())
             weight = self._fill_reach(samples, transmittance, n)
+            if self._crops:  # outside a cropped grid's box the occupancy is zero, not a parameter
+                box = field_.geometry.aabb
+                inside = ((points >= box[0]) & (points <= box[1])).all(dim=-1).float()
+                weight = inside if weight is None else weight * inside
             bce = F.binary_cross_entropy(
                 occupancy.clamp(1e-6, 1 - 1e-6), behind.clamp(0.0, 1.0), weight=weight, reduction="sum"
             )
