@@ -77,6 +77,10 @@ def model_config_problems(cfg: "CertSDFModelConfig") -> List[str]:
         )
     if cfg.grid_growth_step < 0:
         problems.append(f"{flag}grid-growth-step is {cfg.grid_growth_step}; it must be >= 0.")
+    if not (math.isfinite(cfg.grid_crop_margin) and 0.0 <= cfg.grid_crop_margin <= 1.0):
+        problems.append(
+            f"{flag}grid-crop-margin is {cfg.grid_crop_margin}; it must lie in [0, 1] (a fraction of the scene box's longest side)."
+        )
     if not 0.0 < cfg.eps < 0.5:
         problems.append(f"{flag}eps is {cfg.eps}; it must lie strictly between 0 and 0.5 (p̂ is clamped to [eps, 1-eps]).")
     if cfg.anneal_steps < 0:
